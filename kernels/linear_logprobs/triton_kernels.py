@@ -1,0 +1,191 @@
+"""Triton kernels of linear_logprobs: a streaming forward (online log-sum-exp over vocabulary blocks) and a
+tiled backward that recomputes each [rows, vocab] tile once and adds both gradients from it.
+
+Rows are addressed through an index vector, so callers pass only the rows that matter (targets not
+ignored in the forward, non-zero upstream gradient in the backward) and the rest cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreted
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w,
+                temperature, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x = softcap(h[rows] @ w[cols].T + b[cols]) / temperature as a [BLOCK_N, BLOCK_V] fp32 tile."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * (2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0)
+    return acc / temperature
+
+
+@triton.jit
+def row_logprobs(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, V, D, stride_h, stride_w, temperature, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(logp of the target, log-sum-exp) of a block of rows, streaming over the vocabulary once."""
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w, temperature, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+        x_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # exp(x - m) of a nan or +inf logit is nan, so such a row ends nan, never as a number.
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    return x_t - lse, lse
+
+
+@triton.jit
+def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, logp_ptr, lse_ptr, n_rows, V, D, stride_h, stride_w,
+                    temperature, softcap,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = i < n_rows
+    rows = tl.load(rows_ptr + i, mask=ok, other=0)
+    tgt = tl.load(tgt_ptr + rows, mask=ok, other=0)
+    logp, lse = row_logprobs(h_ptr, w_ptr, b_ptr, rows, ok, tgt, V, D, stride_h, stride_w, temperature, softcap,
+                             HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
+    tl.store(logp_ptr + rows, logp, mask=ok)
+    tl.store(lse_ptr + rows, lse, mask=ok)
+
+
+@triton.jit
+def _backward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, gh_ptr, gw_ptr, gb_ptr,
+                     n_rows, V, D, stride_h, stride_w, temperature, softcap,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One [rows, vocab] tile: dL/dz = g/T * (onehot - p) * dsoftcap, added into fp32 gradient buffers."""
+    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = i < n_rows
+    rows = tl.load(rows_ptr + i, mask=ok, other=0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    tgt = tl.load(tgt_ptr + rows, mask=ok, other=0)
+    g = tl.load(g_ptr + rows, mask=ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
+    x = logits_tile(h_ptr, w_ptr, b_ptr, rows, ok, cols, col_ok, D, stride_h, stride_w, temperature, softcap,
+                    HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
+    p = tl.exp(x - lse[:, None])
+    dz = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p
+    if HAS_SOFTCAP:
+        tanh = x * temperature / softcap
+        dz = dz * (1.0 - tanh * tanh)
+    dz = dz * (g / temperature)[:, None]
+    dz = tl.where(ok[:, None] & col_ok[None, :], dz, 0.0)
+    if NEED_B:
+        tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
+    if DOT_FP32:
+        dz_in = dz
+    else:
+        dz_in = dz.to(h_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        if NEED_H:
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                w = w.to(tl.float32)
+            if IEEE:
+                gh = tl.dot(dz_in, w, input_precision="ieee")
+            else:
+                gh = tl.dot(dz_in, w)
+            tl.atomic_add(gh_ptr + i[:, None].to(tl.int64) * D + d[None, :], gh, mask=ok[:, None] & d_ok[None, :])
+        if NEED_W:
+            h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+            if IEEE:
+                gw = tl.dot(tl.trans(dz_in), h, input_precision="ieee")
+            else:
+                gw = tl.dot(tl.trans(dz_in), h)
+            tl.atomic_add(gw_ptr + cols[:, None].to(tl.int64) * D + d[None, :], gw, mask=col_ok[:, None] & d_ok[None, :])
+
+
+# Chosen from the compile report (tests/compile_report.py): with 8 warps and a 32-wide D step the
+# [128, 128] fp32 logits tile stays in registers (no stack spills) on sm_80 and sm_90.
+FORWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
+BACKWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
+
+
+def ieee(dtype: torch.dtype) -> bool:
+    """fp32 inputs multiply in full fp32 unless torch allows TF32 (torch.set_float32_matmul_precision)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def dot_fp32(dtype: torch.dtype) -> bool:
+    """Triton's CPU interpreter computes tl.dot of bfloat16 blocks wrongly (numpy has no bfloat16), so
+    there the blocks are widened to fp32 first; compiled kernels multiply bfloat16 on tensor cores."""
+    return dtype == torch.bfloat16 and triton_interpreted()
+
+
+def precision_flags(dtype: torch.dtype) -> dict:
+    return dict(IEEE=ieee(dtype), DOT_FP32=dot_fp32(dtype))
+
+
+def forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp, lse):
+    """Writes logp and lse of ``rows`` (an index vector) into the [N] outputs; other entries are left as they are."""
+    n_rows = rows.numel()
+    if n_rows == 0:
+        return
+    blocks = FORWARD_BLOCKS
+    grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]),)
+    _forward_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, targets, rows, logp, lse,
+        n_rows, weight.shape[0], weight.shape[1], hidden.stride(0), weight.stride(0),
+        float(temperature), float(softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype), **blocks)
+
+
+def backward(grad_logp, hidden, weight, targets, rows, lse, bias, temperature, softcap, need_hidden, need_weight, need_bias):
+    """Gradients for the rows in ``rows`` (fp32 accumulation), cast to the parameters' dtypes."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    n_rows = rows.numel()
+    gh_rows = torch.zeros(n_rows, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    gw = torch.zeros(v, d, dtype=torch.float32, device=weight.device) if need_weight else None
+    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_bias else None
+    if n_rows:
+        blocks = BACKWARD_BLOCKS
+        grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
+        dummy = lse
+        _backward_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, rows, grad_logp, lse,
+            gh_rows if need_hidden else dummy, gw if need_weight else dummy, gb if need_bias else dummy,
+            n_rows, v, d, hidden.stride(0), weight.stride(0), float(temperature), float(softcap or 1.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype),
+            NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias, **blocks)
+    grad_hidden = None
+    if need_hidden:
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden.index_copy_(0, rows, gh_rows.to(hidden.dtype))
+    return (grad_hidden, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))

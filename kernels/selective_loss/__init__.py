@@ -1,0 +1,125 @@
+"""linear_selective_loss: the trainer's hot path, from last hidden states to a selective loss and its gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks
+from ..backend import resolve_backend
+from ..linear_logprobs import linear_logprobs
+from ..losses import common
+from ..topk_mask import topk_mask
+from .chunked import AttachGradients, selective_loss_fused
+from .compact import compact_boundaries
+from .losses import LOSSES, PAIRWISE, apply_loss
+from .naive import selective_loss_naive
+
+
+def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          cu_seqlens: torch.Tensor, *, mask: torch.Tensor | None = None,
+                          scores: torch.Tensor | None = None, ratio: float | None = None,
+                          largest: bool | torch.Tensor | None = None, loss: str = "sepo",
+                          ref_logps: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                          softcap: float | None = None, backend: str = "auto", **loss_options):
+    """A preference loss over selected response tokens, computed from hidden states without full logits.
+
+    Log-probs are computed only for the tokens the loss reads: the selected ones. On the torch backend
+    (without softcap) the loss and the gradients of hidden, weight and bias are formed in the same pass
+    over chunks of complete pairs, so no logit is computed twice; on Triton the selected rows go through
+    ``linear_logprobs`` (a forward and a backward kernel) and the loss.
+
+    Tokens are selected by ``mask``, or by ``scores`` and ``ratio`` through ``topk_mask`` (per response,
+    the top ``ratio`` of its tokens; ``largest`` defaults to True for chosen responses and False for
+    rejected ones, SePO's rule). Tokens whose target is ``ignore_index`` are never selected. Without
+    either, every valid token is selected (plain DPO or SimPO; for weighted_nll, every token with a
+    non-zero weight).
+
+    Args:
+        hidden: [N, D] policy's last hidden states; weight: [V, D] its output embedding; bias: optional [V].
+        targets: [N] next-token ids, or ``ignore_index``.
+        cu_seqlens: int32 [S+1] response boundaries; for the pairwise losses the segments are
+            chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}.
+        mask: optional bool [N]: the selected tokens.
+        scores, ratio, largest: select by ``topk_mask(scores, cu_seqlens, ratio, largest=...)`` instead.
+        loss: "sepo" (``gamma``, ``margin``), "dpo" (``beta``; needs ``ref_logps``), "simpo" (``beta``,
+            ``gamma``) or "weighted_nll" (needs ``weights``); options go in ``**loss_options``.
+        ref_logps: [N] reference log-probs for "dpo" (treated as constants).
+        weights: [N] token weights for "weighted_nll".
+        temperature, softcap, ignore_index: as in ``linear_logprobs``.
+        backend: "auto", "triton", "torch" or "naive" (the naive path builds full logits: the reference).
+
+    Returns:
+        (loss, metrics): the 0-dim mean loss over pairs (or sequences for weighted_nll), differentiable
+        w.r.t. hidden, weight and bias, and the loss's detached per-pair metrics plus "selected" [S],
+        the number of selected tokens of each segment.
+    """
+    checks.check_float("hidden", hidden, 2)
+    checks.check_float("weight", weight, 2)
+    n = hidden.shape[0]
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape [V, D={hidden.shape[1]}], got {tuple(weight.shape)}")
+    checks.check_same_device(hidden=hidden, weight=weight, targets=targets, cu_seqlens=cu_seqlens)
+    checks.check_targets(targets, n, weight.shape[0], ignore_index)
+    num_segments = checks.check_cu_seqlens(cu_seqlens, n)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    pairwise = loss in PAIRWISE
+    if pairwise:
+        checks.check_pairs(num_segments)
+    elif num_segments == 0:
+        raise ValueError("cu_seqlens holds no segment: a mean over zero sequences is undefined")
+    if loss == "dpo":
+        if ref_logps is None:
+            raise ValueError("ref_logps is required for loss='dpo'")
+        checks.check_float("ref_logps", ref_logps, 1)
+        checks.check_length("ref_logps", ref_logps, n)
+        ref_logps = ref_logps.detach()
+    if loss == "weighted_nll":
+        if weights is None:
+            raise ValueError("weights is required for loss='weighted_nll'")
+        checks.check_float("weights", weights, 1)
+        checks.check_length("weights", weights, n)
+    valid = targets != ignore_index
+    if mask is not None and scores is not None:
+        raise ValueError("give either mask or scores (with ratio), not both")
+    if mask is not None:
+        checks.check_mask("mask", mask, n)
+        selected = mask & valid
+    elif scores is not None:
+        if ratio is None:
+            raise ValueError("ratio is required with scores")
+        if largest is None:
+            largest = torch.arange(num_segments, device=hidden.device) < (num_segments // 2 if pairwise else num_segments)
+        selected = topk_mask(scores, cu_seqlens, ratio, largest=largest, valid=valid, backend=backend)
+    else:
+        selected = valid & (weights != 0) if loss == "weighted_nll" else valid
+    if loss in ("sepo", "simpo"):
+        common.token_counts(cu_seqlens, selected)  # a mean over no selected token: ValueError naming mask
+    options = dict(loss_options)
+    which = resolve_backend(backend, hidden.device)
+    if which == "naive":
+        result = selective_loss_naive(hidden, weight, targets, cu_seqlens, selected, loss, ref_logps, weights,
+                                      bias, ignore_index, temperature, softcap, options)
+    elif which == "torch" and softcap is None:
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        need = need if torch.is_grad_enabled() else (False, False, False)
+        loss_value, metrics, grads = selective_loss_fused(
+            hidden.contiguous(), weight.contiguous(), targets, cu_seqlens, selected, loss, pairwise, ref_logps,
+            weights, bias, temperature, options, need)
+        result = (AttachGradients.apply(loss_value, grads, hidden, weight, bias) if any(need) else loss_value,
+                  metrics)
+    else:
+        rows = torch.nonzero(selected).squeeze(1)
+        sub_cu = compact_boundaries(selected, cu_seqlens).to(torch.int32)
+        logp = linear_logprobs(hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias=bias,
+                               temperature=temperature, softcap=softcap, backend=which)
+        result = apply_loss(loss, logp, sub_cu, torch.ones_like(rows, dtype=torch.bool),
+                            None if ref_logps is None else ref_logps.index_select(0, rows),
+                            None if weights is None else weights.index_select(0, rows), which, options)
+    value, metrics = result
+    metrics["selected"] = compact_boundaries(selected, cu_seqlens).diff()
+    return value, metrics
+
+
+__all__ = ["linear_selective_loss", "selective_loss_naive"]

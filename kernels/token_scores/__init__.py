@@ -1,0 +1,64 @@
+"""token_scores: per-token log-prob difference of two models in one pass, without their logits."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks
+from ..backend import resolve_backend
+from ..poison import poisoned_unless
+from .chunked import token_scores_chunked
+from .naive import token_scores_naive
+
+
+@torch.no_grad()
+def token_scores(hidden_a: torch.Tensor, weight_a: torch.Tensor, hidden_b: torch.Tensor, weight_b: torch.Tensor,
+                 targets: torch.Tensor, *, ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+    """``log p_a(targets) - log p_b(targets)`` per token, from each model's last hidden states and lm_head.
+
+    This is SePO's token reward (a = oracle, b = reference) and Selective-DPO's score (a = reference,
+    b = policy). The two models may have different hidden sizes (a small oracle scoring for a larger
+    policy) but must share the vocabulary.
+
+    Args:
+        hidden_a: [N, D_a] hidden states of model a; weight_a: [V, D_a] its output embedding.
+        hidden_b: [N, D_b] hidden states of model b; weight_b: [V, D_b] its output embedding.
+        targets: [N] token ids in [0, V) or ``ignore_index`` (those give exactly 0).
+        backend: "auto", "triton", "torch" or "naive".
+
+    Returns:
+        [N] float32 scores (float64 for float64 inputs), not differentiable.
+    """
+    for name, t in (("hidden_a", hidden_a), ("weight_a", weight_a), ("hidden_b", hidden_b), ("weight_b", weight_b)):
+        checks.check_float(name, t, 2)
+    n = hidden_a.shape[0]
+    if hidden_b.shape[0] != n:
+        raise ValueError(f"hidden_b must have N={n} rows like hidden_a, got {hidden_b.shape[0]}")
+    for h_name, h, w_name, w in (("hidden_a", hidden_a, "weight_a", weight_a), ("hidden_b", hidden_b, "weight_b", weight_b)):
+        if w.shape[1] != h.shape[1]:
+            raise ValueError(f"{w_name} must have shape [V, {h.shape[1]}] to match {h_name}, got {tuple(w.shape)}")
+    if weight_a.shape[0] == 0:
+        raise ValueError("weight_a must have at least one row (V >= 1)")
+    if weight_b.shape[0] != weight_a.shape[0]:
+        raise ValueError(f"weight_b must have the vocabulary size V={weight_a.shape[0]} of weight_a, got {weight_b.shape[0]}")
+    checks.check_same_device(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b, targets=targets)
+    checks.check_same_dtype(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b)
+    checks.check_targets(targets, n, weight_a.shape[0], ignore_index)
+    which = resolve_backend(backend, hidden_a.device)
+    if which == "naive":
+        return token_scores_naive(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
+    hidden_a, weight_a, hidden_b, weight_b = (t.contiguous() for t in (hidden_a, weight_a, hidden_b, weight_b))
+    if which == "torch":
+        return token_scores_chunked(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
+    if hidden_a.dtype == torch.float64:
+        raise TypeError("hidden_a: the triton backend takes float32, bfloat16 or float16, got float64")
+    from .triton_kernels import token_scores_into
+
+    keep = targets != ignore_index
+    out = poisoned_unless(keep)
+    rows = torch.nonzero(keep).squeeze(1)
+    token_scores_into(hidden_a, weight_a, hidden_b, weight_b, targets, rows, out)
+    return out
+
+
+__all__ = ["token_scores", "token_scores_naive"]

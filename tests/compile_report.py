@@ -1,0 +1,99 @@
+"""Compiles every Triton kernel of selpo for NVIDIA GPUs with no GPU present, and reports what it built.
+
+For each kernel, target (sm_80, sm_90) and representative block sizes: shared memory, registers and
+stack bytes, where spills go (from cuobjdump), and whether the PTX multiplies on tensor cores (mma.sync on sm_80,
+wgmma on sm_90). Run as a script without TRITON_INTERPRET (tests/test_compile.py does); prints JSON,
+or a markdown table with --markdown.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from selpo.kernels.linear_logprobs import triton_kernels as linear
+from selpo.kernels.token_scores import triton_kernels as scores
+
+TARGETS = [("sm_80", GPUTarget("cuda", 80, 32)), ("sm_90", GPUTarget("cuda", 90, 32))]
+
+
+def _head_args(dtype):
+    return {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}"}
+
+
+def _linear_consts(blocks, **flags):
+    consts = dict(HAS_BIAS=False, HAS_SOFTCAP=False, IEEE=False, DOT_FP32=False, **flags)
+    consts.update({k: v for k, v in blocks.items() if k.startswith("BLOCK")})
+    return consts
+
+
+def _options(blocks):
+    return {k: v for k, v in blocks.items() if k.startswith("num_")}
+
+
+def kernel_specs():
+    """(name, jit function, signature, constexprs, compile options, uses tensor cores)."""
+    specs = []
+    for dtype in ("bf16", "fp16"):
+        fwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
+               "n_rows": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+               "temperature": "fp32", "softcap": "fp32"}
+        specs.append((f"linear_logprobs.forward[{dtype}]", linear._forward_kernel, fwd,
+                      _linear_consts(linear.FORWARD_BLOCKS), _options(linear.FORWARD_BLOCKS), True))
+        bwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32",
+               "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32", "n_rows": "i32", "V": "i32", "D": "i32",
+               "stride_h": "i32", "stride_w": "i32", "temperature": "fp32", "softcap": "fp32"}
+        specs.append((f"linear_logprobs.backward[{dtype}]", linear._backward_kernel, bwd,
+                      _linear_consts(linear.BACKWARD_BLOCKS, NEED_H=True, NEED_W=True, NEED_B=False),
+                      _options(linear.BACKWARD_BLOCKS), True))
+        ts = {"ha_ptr": f"*{dtype}", "wa_ptr": f"*{dtype}", "hb_ptr": f"*{dtype}", "wb_ptr": f"*{dtype}",
+              "tgt_ptr": "*i64", "rows_ptr": "*i64", "out_ptr": "*fp32", "n_rows": "i32", "V": "i32", "DA": "i32",
+              "DB": "i32", "stride_ha": "i32", "stride_wa": "i32", "stride_hb": "i32", "stride_wb": "i32"}
+        ts_consts = {k: v for k, v in _linear_consts(linear.FORWARD_BLOCKS).items() if k not in ("HAS_BIAS", "HAS_SOFTCAP")}
+        specs.append((f"token_scores[{dtype}]", scores._token_scores_kernel, ts, ts_consts,
+                      _options(linear.FORWARD_BLOCKS), True))
+    return specs
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes (spills live there) as read by Triton's bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)), "local_bytes": int(usage.group(3))}
+
+
+def report():
+    rows = []
+    for name, fn, sig, consts, options, tensor_cores in kernel_specs():
+        for arch, target in TARGETS:
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
+            ptx = compiled.asm["ptx"]
+            rows.append({"kernel": name, "arch": arch, "shared_bytes": compiled.metadata.shared,
+                         "mma": "mma.sync" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+                         "expects_tensor_cores": tensor_cores, **resource_usage(compiled.asm["cubin"]), **options})
+    return rows
+
+
+def markdown(rows):
+    lines = ["| kernel | arch | warps | shared (B) | registers | stack (B) | mma.sync | wgmma |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['shared_bytes']} | {r['registers']} | {r['stack_bytes']} "
+                     f"| {'yes' if r['mma'] else 'no'} | {'yes' if r['wgmma'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rows = report()
+    print(markdown(rows) if "--markdown" in sys.argv else json.dumps(rows))

@@ -1,0 +1,21 @@
+"""Test setup: Triton kernels run in Triton's CPU interpreter, so every backend is tested on this machine.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, hence here, before selpo is
+imported. Tests pass ``backend=`` explicitly; tests/test_compile.py checks real GPU compilation in a
+subprocess without the interpreter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The backends each op is tested on, against the naive reference in float64.
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
