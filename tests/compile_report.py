@@ -14,11 +14,15 @@ import sys
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from selpo.kernels.linear_logprobs import triton_kernels as linear
+from selpo.kernels.logits_logprobs import triton_kernels as logits_lp
+from selpo.kernels.segment_sum import triton_kernels as segment
 from selpo.kernels.token_scores import triton_kernels as scores
+from selpo.kernels.topk_mask import triton_kernels as topk
 
 TARGETS = [("sm_80", GPUTarget("cuda", 80, 32)), ("sm_90", GPUTarget("cuda", 90, 32))]
 
@@ -58,6 +62,25 @@ def kernel_specs():
         ts_consts = {k: v for k, v in _linear_consts(linear.FORWARD_BLOCKS).items() if k not in ("HAS_BIAS", "HAS_SOFTCAP")}
         specs.append((f"token_scores[{dtype}]", scores._token_scores_kernel, ts, ts_consts,
                       _options(linear.FORWARD_BLOCKS), True))
+    cfg = logits_lp.launch_config(151936)
+    for dtype in ("fp32", "bf16"):
+        common = {"tgt_ptr": "*i64", "lse_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "temperature": "fp32"}
+        specs.append((f"logits_logprobs.forward[{dtype}]", logits_lp._forward_kernel,
+                      {"x_ptr": f"*{dtype}", "logp_ptr": "*fp32", **common}, {"BLOCK_V": cfg["BLOCK_V"]},
+                      {"num_warps": cfg["num_warps"]}, False))
+        specs.append((f"logits_logprobs.backward[{dtype}]", logits_lp._backward_kernel,
+                      {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "g_ptr": "*fp32", **common},
+                      {"BLOCK_V": cfg["BLOCK_V"]}, {"num_warps": cfg["num_warps"]}, False))
+    warps = {"num_warps": segment.NUM_WARPS}
+    specs.append(("segment_sum.sum", segment._sum_kernel, {"v_ptr": "*fp32", "cu_ptr": "*i32", "out_ptr": "*fp32"},
+                  {"BLOCK": segment.BLOCK}, warps, False))
+    specs.append(("segment_sum.broadcast", segment._broadcast_kernel,
+                  {"g_ptr": "*fp32", "cu_ptr": "*i32", "out_ptr": "*fp32"}, {"BLOCK": segment.BLOCK}, warps, False))
+    for dtype in ("fp32", "bf16"):
+        specs.append((f"topk_mask[{dtype}]", topk._topk_mask_kernel,
+                      {"scores_ptr": f"*{dtype}", "valid_ptr": "*u8", "cu_ptr": "*i32", "k_ptr": "*i32",
+                       "largest_ptr": "*u8", "out_ptr": "*i8"},
+                      {"COMPARE": tl.float32, "BLOCK_I": topk.BLOCK_I, "BLOCK_J": topk.BLOCK_J}, {"num_warps": 4}, False))
     return specs
 
 

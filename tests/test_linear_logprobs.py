@@ -136,3 +136,36 @@ def test_triton_rejects_float64():
     hidden, weight, _, targets = make_inputs(2, 3, 4, torch.float64)
     with pytest.raises(TypeError, match="hidden: the triton backend"):
         linear_logprobs(hidden, weight, targets, backend="triton")
+
+
+def test_backward_recomputes_only_rows_with_gradient(monkeypatch):
+    """With a 30% token mask in the loss, the torch backward projects 30% of the rows: its cost scales."""
+    hidden, weight, _, targets = make_inputs(40, 6, 30, torch.float32)
+    targets[:] = 1
+    projected = []
+    original = chunked.Head.logits_of
+
+    def counting(self, h_rows):
+        projected.append(h_rows.shape[0])
+        return original(self, h_rows)
+
+    h = hidden.clone().requires_grad_()
+    logp = linear_logprobs(h, weight, targets, backend="torch")
+    monkeypatch.setattr(chunked.Head, "logits_of", counting)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[::3] = True  # 14 of 40 rows
+    (logp * mask).sum().backward()
+    assert sum(projected) == 14
+    assert torch.all(h.grad[~mask] == 0) and torch.all(h.grad[mask].abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_targets_and_list_targets(backend):
+    hidden, weight, _, _ = make_inputs(6, 5, 20, torch.float32)
+    both = torch.randint(0, 20, (12,))
+    strided = both[::2]
+    got = linear_logprobs(hidden, weight, strided, backend=backend)
+    want = linear_logprobs(hidden, weight, strided.contiguous(), backend="naive")
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor"):
+        linear_logprobs(hidden, weight, [0, 1, 2, 3, 4, 5], backend=backend)

@@ -44,9 +44,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if bias is not None:
         checks.check_float("bias", bias, 1)
         checks.check_length("bias", bias, weight.shape[0], "V")
+    checks.check_targets(targets, n, weight.shape[0], ignore_index)
     checks.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     checks.check_same_dtype(hidden=hidden, weight=weight, bias=bias)
-    checks.check_targets(targets, n, weight.shape[0], ignore_index)
     checks.check_positive("temperature", temperature)
     if softcap is not None:
         checks.check_positive("softcap", softcap)
@@ -61,7 +61,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, which):
-        hidden, weight = hidden.contiguous(), weight.contiguous()
+        hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
         if which == "triton":
             from . import triton_kernels
 

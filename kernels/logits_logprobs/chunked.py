@@ -65,7 +65,7 @@ def forward(logits, targets, ignore_index, temperature):
         m = x.amax(dim=1)
         # nan or +inf in a row makes the row nan (x - m is nan); an all -inf row keeps m = 0 so lse = -inf
         # and logp = -inf - (-inf) = nan, as log_softmax gives.
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
         row_lse = m + x.sub_(m[:, None]).exp_().sum(dim=1).log()
         lse[idx] = row_lse
         logp[idx] = x_t - row_lse

@@ -59,8 +59,8 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     n = hidden.shape[0]
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must have shape [V, D={hidden.shape[1]}], got {tuple(weight.shape)}")
-    checks.check_same_device(hidden=hidden, weight=weight, targets=targets, cu_seqlens=cu_seqlens)
     checks.check_targets(targets, n, weight.shape[0], ignore_index)
+    checks.check_same_device(hidden=hidden, weight=weight, targets=targets, cu_seqlens=cu_seqlens)
     num_segments = checks.check_cu_seqlens(cu_seqlens, n)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

@@ -41,13 +41,13 @@ def token_scores(hidden_a: torch.Tensor, weight_a: torch.Tensor, hidden_b: torch
         raise ValueError("weight_a must have at least one row (V >= 1)")
     if weight_b.shape[0] != weight_a.shape[0]:
         raise ValueError(f"weight_b must have the vocabulary size V={weight_a.shape[0]} of weight_a, got {weight_b.shape[0]}")
+    checks.check_targets(targets, n, weight_a.shape[0], ignore_index)
     checks.check_same_device(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b, targets=targets)
     checks.check_same_dtype(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b)
-    checks.check_targets(targets, n, weight_a.shape[0], ignore_index)
     which = resolve_backend(backend, hidden_a.device)
     if which == "naive":
         return token_scores_naive(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
-    hidden_a, weight_a, hidden_b, weight_b = (t.contiguous() for t in (hidden_a, weight_a, hidden_b, weight_b))
+    hidden_a, weight_a, hidden_b, weight_b, targets = (t.contiguous() for t in (hidden_a, weight_a, hidden_b, weight_b, targets))
     if which == "torch":
         return token_scores_chunked(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
     if hidden_a.dtype == torch.float64:
