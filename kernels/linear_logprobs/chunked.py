@@ -23,6 +23,18 @@ def chunk_rows(vocab: int) -> int:
     return int(max(8, min(4096, CHUNK_ELEMENTS // max(vocab, 1))))
 
 
+def logsumexp_(x: torch.Tensor):
+    """Row log-sum-exps of ``x``, overwriting x with e = exp(x - rowmax); returns (lse, row sums of e).
+
+    A row holding nan or +inf comes out nan (x - max is nan there), never as a number; a row of only -inf
+    gets lse = -inf, so its log-probs are -inf - (-inf) = nan, as log_softmax gives.
+    """
+    m = x.amax(dim=1)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    s = x.sub_(m[:, None]).exp_().sum(dim=1)
+    return m + s.log(), s
+
+
 class Head:
     """The output head of one call (weight, bias, temperature, softcap) and its reusable logits buffer."""
 
@@ -61,11 +73,7 @@ class Head:
         with the row sums of e, for a caller that forms the gradient from it (p = e / sum)."""
         x = self.logits_of(h_rows)
         x_t = x.gather(1, t_rows.long()[:, None]).squeeze(1)
-        m = x.amax(dim=1)
-        # A row whose max is +inf or nan must come out nan, never as a number: x - inf makes it nan.
-        m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        s = x.sub_(m[:, None]).exp_().sum(dim=1)
-        lse = m + s.log()
+        lse, s = logsumexp_(x)
         return x_t - lse, lse, x, s
 
     def add_grads(self, scaled_p, h_rows, t_rows, g, sign, grads, idx):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linear_logprobs.chunked import chunk_rows
+from ..linear_logprobs.chunked import chunk_rows, logsumexp_
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,11 +62,7 @@ def forward(logits, targets, ignore_index, temperature):
     for idx in rows.split(chunks.step):
         x = chunks.load(idx)
         x_t = x.gather(1, targets.index_select(0, idx).long()[:, None]).squeeze(1)
-        m = x.amax(dim=1)
-        # nan or +inf in a row makes the row nan (x - m is nan); an all -inf row keeps m = 0 so lse = -inf
-        # and logp = -inf - (-inf) = nan, as log_softmax gives.
-        m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        row_lse = m + x.sub_(m[:, None]).exp_().sum(dim=1).log()
+        row_lse, _ = logsumexp_(x)
         lse[idx] = row_lse
         logp[idx] = x_t - row_lse
     return logp, lse
