@@ -51,11 +51,10 @@ def kernel_specs():
         specs.append((f"linear_logprobs.forward[{dtype}]", linear._forward_kernel, fwd,
                       _linear_consts(linear.FORWARD_BLOCKS), _options(linear.FORWARD_BLOCKS), True))
         bwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32",
-               "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32", "n_rows": "i32", "V": "i32", "D": "i32",
-               "stride_h": "i32", "stride_w": "i32", "temperature": "fp32", "softcap": "fp32"}
-        specs.append((f"linear_logprobs.backward[{dtype}]", linear._backward_kernel, bwd,
-                      _linear_consts(linear.BACKWARD_BLOCKS, NEED_H=True, NEED_W=True, NEED_B=False),
-                      _options(linear.BACKWARD_BLOCKS), True))
+               "dz_ptr": f"*{dtype}", "n_rows": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+               "temperature": "fp32", "softcap": "fp32"}
+        specs.append((f"linear_logprobs.grad_logits[{dtype}]", linear._grad_logits_kernel, bwd,
+                      _linear_consts(linear.BACKWARD_BLOCKS), _options(linear.BACKWARD_BLOCKS), True))
         ts = {"ha_ptr": f"*{dtype}", "wa_ptr": f"*{dtype}", "hb_ptr": f"*{dtype}", "wb_ptr": f"*{dtype}",
               "tgt_ptr": "*i64", "rows_ptr": "*i64", "out_ptr": "*fp32", "n_rows": "i32", "V": "i32", "DA": "i32",
               "DB": "i32", "stride_ha": "i32", "stride_wa": "i32", "stride_hb": "i32", "stride_wb": "i32"}

@@ -6,7 +6,7 @@ from conftest import BACKENDS
 from helpers import TOL
 
 from selpo.kernels import linear_logprobs
-from selpo.kernels.linear_logprobs import chunked
+from selpo.kernels.linear_logprobs import chunked, triton_kernels
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D, V): N = 0 and 1, D not a power of two, V not a multiple of the vocabulary block (128).
@@ -73,8 +73,9 @@ def test_matches_reference(backend, dtype, size, options):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_chunks_and_blocks(backend, monkeypatch):
-    """Rows spanning several chunks of the torch path and several row blocks of the Triton kernels."""
+    """Rows spanning several chunks of the torch path and several row blocks and chunks of the Triton path."""
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # 8 rows per chunk
+    monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)  # one row block (128 rows) per backward chunk
     hidden, weight, _, targets = make_inputs(150, 20, 70, torch.float32)
     grad = torch.randn(150, dtype=torch.float64)
     got = run(hidden, weight, None, targets, grad, backend)

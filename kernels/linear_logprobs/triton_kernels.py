@@ -79,12 +79,12 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, logp_ptr, lse_ptr, n
 
 
 @triton.jit
-def _backward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, gh_ptr, gw_ptr, gb_ptr,
-                     n_rows, V, D, stride_h, stride_w, temperature, softcap,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-                     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One [rows, vocab] tile: dL/dz = g/T * (onehot - p) * dsoftcap, added into fp32 gradient buffers."""
+def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, dz_ptr, n_rows, V, D,
+                        stride_h, stride_w, temperature, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One [rows, vocab] tile of dL/dz = g/T * (onehot - softmax) * dsoftcap, recomputed from h and W and
+    written into the chunk buffer dz [n_rows, V] (row i of dz is hidden row rows[i])."""
     i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = i < n_rows
     rows = tl.load(rows_ptr + i, mask=ok, other=0)
@@ -95,46 +95,21 @@ def _backward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, gh_
     lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
     x = logits_tile(h_ptr, w_ptr, b_ptr, rows, ok, cols, col_ok, D, stride_h, stride_w, temperature, softcap,
                     HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
-    p = tl.exp(x - lse[:, None])
-    dz = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p
+    dz = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(x - lse[:, None])
     if HAS_SOFTCAP:
         tanh = x * temperature / softcap
         dz = dz * (1.0 - tanh * tanh)
     dz = dz * (g / temperature)[:, None]
-    dz = tl.where(ok[:, None] & col_ok[None, :], dz, 0.0)
-    if NEED_B:
-        tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
-    if DOT_FP32:
-        dz_in = dz
-    else:
-        dz_in = dz.to(h_ptr.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        if NEED_H:
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                w = w.to(tl.float32)
-            if IEEE:
-                gh = tl.dot(dz_in, w, input_precision="ieee")
-            else:
-                gh = tl.dot(dz_in, w)
-            tl.atomic_add(gh_ptr + i[:, None].to(tl.int64) * D + d[None, :], gh, mask=ok[:, None] & d_ok[None, :])
-        if NEED_W:
-            h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                h = h.to(tl.float32)
-            if IEEE:
-                gw = tl.dot(tl.trans(dz_in), h, input_precision="ieee")
-            else:
-                gw = tl.dot(tl.trans(dz_in), h)
-            tl.atomic_add(gw_ptr + cols[:, None].to(tl.int64) * D + d[None, :], gw, mask=col_ok[:, None] & d_ok[None, :])
+    out = dz_ptr + i[:, None].to(tl.int64) * V + cols[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=ok[:, None] & col_ok[None, :])
 
 
 # Chosen from the compile report (tests/compile_report.py): with 8 warps and a 32-wide D step the
 # [128, 128] fp32 logits tile stays in registers (no stack spills) on sm_80 and sm_90.
 FORWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
 BACKWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
+# The backward's gradient-of-logits buffer: about this many bytes per chunk of rows.
+GRAD_CHUNK_BYTES = 1 << 28
 
 
 def ieee(dtype: torch.dtype) -> bool:
@@ -167,25 +142,42 @@ def forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp
 
 
 def backward(grad_logp, hidden, weight, targets, rows, lse, bias, temperature, softcap, need_hidden, need_weight, need_bias):
-    """Gradients for the rows in ``rows`` (fp32 accumulation), cast to the parameters' dtypes."""
-    n, d = hidden.shape
+    """Gradients from the rows in ``rows``, a chunk at a time: a kernel writes the chunk's dL/dlogits
+    (recomputing its logits tile by tile), then two GEMMs take it to dL/dhidden and dL/dweight.
+
+    Adding both gradients straight from each tile with atomics would cost O(N V D / block) atomic adds;
+    the chunk buffer ([chunk, V] in the input dtype, GRAD_CHUNK_BYTES) lets the vendor GEMMs do it instead.
+    """
     v = weight.shape[0]
-    n_rows = rows.numel()
-    gh_rows = torch.zeros(n_rows, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    gw = torch.zeros(v, d, dtype=torch.float32, device=weight.device) if need_weight else None
-    gb = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_bias else None
-    if n_rows:
+    dtype = hidden.dtype
+    acc = torch.float32
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    # fp32 weights accumulate in place; half ones in an fp32 buffer, widened chunk by chunk.
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(v, dtype=acc, device=weight.device) if need_bias else None
+    step = max(BACKWARD_BLOCKS["BLOCK_N"], GRAD_CHUNK_BYTES // (v * hidden.element_size()))
+    dot_dtype = torch.float32 if dot_fp32(dtype) else dtype
+    # Poisoned: an element the kernel fails to write turns the gradient into nan.
+    dz_all = torch.full((min(step, rows.numel()), v), float("nan"), dtype=dot_dtype, device=hidden.device)
+    w = weight.to(dot_dtype)
+    for idx in rows.split(step):
+        dz = dz_all[:idx.numel()]
         blocks = BACKWARD_BLOCKS
-        grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
-        dummy = lse
-        _backward_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, targets, rows, grad_logp, lse,
-            gh_rows if need_hidden else dummy, gw if need_weight else dummy, gb if need_bias else dummy,
-            n_rows, v, d, hidden.stride(0), weight.stride(0), float(temperature), float(softcap or 1.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype),
-            NEED_H=need_hidden, NEED_W=need_weight, NEED_B=need_bias, **blocks)
-    grad_hidden = None
-    if need_hidden:
-        grad_hidden = torch.zeros_like(hidden)
-        grad_hidden.index_copy_(0, rows, gh_rows.to(hidden.dtype))
-    return (grad_hidden, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+        grid = (triton.cdiv(idx.numel(), blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
+        _grad_logits_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, idx, grad_logp, lse, dz,
+            idx.numel(), v, weight.shape[1], hidden.stride(0), weight.stride(0), float(temperature),
+            float(softcap or 1.0), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            **precision_flags(dtype), **blocks)
+        h = hidden.index_select(0, idx).to(dot_dtype)
+        if need_hidden:
+            grad_hidden.index_copy_(0, idx, (dz @ w).to(dtype))
+        if need_weight:
+            if dot_dtype == acc:
+                grad_weight.addmm_(dz.T, h)
+            else:
+                grad_weight += (dz.T @ h).to(acc)
+        if need_bias:
+            grad_bias += dz.sum(0, dtype=acc)
+    return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))
