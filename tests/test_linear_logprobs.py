@@ -76,8 +76,8 @@ def test_many_chunks_and_blocks(backend, monkeypatch):
     """Rows spanning several chunks of the torch path and several row blocks and chunks of the Triton path."""
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # 8 rows per chunk
     monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)  # one row block (128 rows) per backward chunk
-    hidden, weight, _, targets = make_inputs(150, 20, 70, torch.float32)
-    grad = torch.randn(150, dtype=torch.float64)
+    hidden, weight, _, targets = make_inputs(400, 20, 70, torch.float32)  # 300 rows kept: 3 backward chunks
+    grad = torch.randn(400, dtype=torch.float64)
     got = run(hidden, weight, None, targets, grad, backend)
     want = reference(hidden, weight, None, targets, grad)
     for name, g, w in zip(("logp", "grad_hidden", "grad_weight"), got, want):
