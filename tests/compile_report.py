@@ -45,9 +45,9 @@ def kernel_specs():
     """(name, jit function, signature, constexprs, compile options, uses tensor cores)."""
     specs = []
     for dtype in ("bf16", "fp16"):
-        fwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
+        fwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "part_ptr": "*fp32",
                "n_rows": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
-               "temperature": "fp32", "softcap": "fp32"}
+               "temperature": "fp32", "softcap": "fp32", "span": "i32"}
         specs.append((f"linear_logprobs.forward[{dtype}]", linear._forward_kernel, fwd,
                       _linear_consts(linear.FORWARD_BLOCKS), _options(linear.FORWARD_BLOCKS), True))
         bwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32",

@@ -41,16 +41,17 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, st
 
 
 @triton.jit
-def row_logprobs(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, V, D, stride_h, stride_w, temperature, softcap,
+def row_partials(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, v_start, v_end, D, stride_h, stride_w, temperature, softcap,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(logp of the target, log-sum-exp) of a block of rows, streaming over the vocabulary once."""
+    """Online log-sum-exp of a block of rows over vocabulary columns [v_start, v_end): returns
+    (target logit if it lies in the range else 0, running max m, sum of exp(x - m))."""
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     x_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
+        col_ok = cols < v_end
         x = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w, temperature, softcap,
                         HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
         x = tl.where(col_ok[None, :], x, float("-inf"))
@@ -59,23 +60,41 @@ def row_logprobs(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, V, D, stride_h, stride_
         # exp(x - m) of a nan or +inf logit is nan, so such a row ends nan, never as a number.
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
+    return x_t, m, s
+
+
+@triton.jit
+def row_logprobs(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, V, D, stride_h, stride_w, temperature, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(logp of the target, log-sum-exp) of a block of rows, streaming over the whole vocabulary once."""
+    x_t, m, s = row_partials(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, 0, V, D, stride_h, stride_w, temperature,
+                             softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
     lse = m + tl.log(s)
     return x_t - lse, lse
 
 
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, logp_ptr, lse_ptr, n_rows, V, D, stride_h, stride_w,
-                    temperature, softcap,
+def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr, n_rows, V, D, stride_h, stride_w,
+                    temperature, softcap, span,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, vocabulary split): writes that split's (target logit, max, sum) of each row
+    into part [3, splits, n_rows]; the splits are combined on the host."""
     i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     ok = i < n_rows
     rows = tl.load(rows_ptr + i, mask=ok, other=0)
     tgt = tl.load(tgt_ptr + rows, mask=ok, other=0)
-    logp, lse = row_logprobs(h_ptr, w_ptr, b_ptr, rows, ok, tgt, V, D, stride_h, stride_w, temperature, softcap,
-                             HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
-    tl.store(logp_ptr + rows, logp, mask=ok)
-    tl.store(lse_ptr + rows, lse, mask=ok)
+    v_start = split * span
+    v_end = tl.minimum(v_start + span, V)
+    x_t, m, s = row_partials(h_ptr, w_ptr, b_ptr, rows, ok, tgt, v_start, v_end, D, stride_h, stride_w,
+                             temperature, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
+    out = part_ptr + split.to(tl.int64) * n_rows + i
+    plane = tl.num_programs(1).to(tl.int64) * n_rows
+    tl.store(out, x_t, mask=ok)
+    tl.store(out + plane, m, mask=ok)
+    tl.store(out + 2 * plane, s, mask=ok)
 
 
 @triton.jit
@@ -110,6 +129,11 @@ FORWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_sta
 BACKWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
 # The backward's gradient-of-logits buffer: about this many bytes per chunk of rows.
 GRAD_CHUNK_BYTES = 1 << 28
+# The forward splits the vocabulary until there are about this many programs per streaming multiprocessor
+# (few rows, e.g. the selected tokens of a small batch, would otherwise leave most of the GPU idle).
+PROGRAMS_PER_SM = 2
+# Under the interpreter there is no GPU to fill: a fixed count still exercises the split path.
+INTERPRETER_PROGRAMS = 4
 
 
 def ieee(dtype: torch.dtype) -> bool:
@@ -127,18 +151,39 @@ def precision_flags(dtype: torch.dtype) -> dict:
     return dict(IEEE=ieee(dtype), DOT_FP32=dot_fp32(dtype))
 
 
+def vocab_span(row_blocks: int, vocab: int, device: torch.device) -> int:
+    """Columns per vocabulary split (a multiple of BLOCK_V): as few splits as fill the device."""
+    if device.type == "cuda":
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = INTERPRETER_PROGRAMS
+    block = FORWARD_BLOCKS["BLOCK_V"]
+    splits = max(1, min(triton.cdiv(vocab, block), triton.cdiv(target, row_blocks)))
+    return triton.cdiv(triton.cdiv(vocab, splits), block) * block
+
+
 def forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp, lse):
     """Writes logp and lse of ``rows`` (an index vector) into the [N] outputs; other entries are left as they are."""
     n_rows = rows.numel()
     if n_rows == 0:
         return
     blocks = FORWARD_BLOCKS
-    grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]),)
-    _forward_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, targets, rows, logp, lse,
-        n_rows, weight.shape[0], weight.shape[1], hidden.stride(0), weight.stride(0),
-        float(temperature), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype), **blocks)
+    v = weight.shape[0]
+    row_blocks = triton.cdiv(n_rows, blocks["BLOCK_N"])
+    span = vocab_span(row_blocks, v, hidden.device)
+    splits = triton.cdiv(v, span)
+    part = torch.full((3, splits, n_rows), float("nan"), dtype=torch.float32, device=hidden.device)  # poisoned
+    _forward_kernel[(row_blocks, splits)](
+        hidden, weight, bias if bias is not None else weight, targets, rows, part,
+        n_rows, v, weight.shape[1], hidden.stride(0), weight.stride(0), float(temperature), float(softcap or 1.0),
+        span, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype), **blocks)
+    x_t, m, s = part
+    # Combine the splits: lse = M + log(sum_k s_k exp(m_k - M)); a nan in any split stays nan.
+    top = m.amax(dim=0)
+    top = torch.where(torch.isinf(top) & (top < 0), torch.zeros_like(top), top)
+    row_lse = top + (s * torch.exp(m - top)).sum(dim=0).log()
+    lse[rows] = row_lse
+    logp[rows] = x_t.sum(dim=0) - row_lse
 
 
 def backward(grad_logp, hidden, weight, targets, rows, lse, bias, temperature, softcap, need_hidden, need_weight, need_bias):
