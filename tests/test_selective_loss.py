@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import BACKENDS
-from helpers import cu_seqlens
+from helpers import TOL, cu_seqlens
 
 from selpo.kernels import linear_selective_loss
 from selpo.kernels.linear_logprobs import chunked
@@ -133,3 +133,17 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         linear_selective_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("cu_seqlens"), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype):
+    """Half inputs: accumulation in fp32, results within the dtype's tolerance of float64 math on the same inputs."""
+    hidden, weight, targets, cu, extra = make_batch([6, 3, 4, 7])
+    hidden, weight = hidden.to(dtype).double(), weight.to(dtype).double()  # the rounded inputs, exactly
+    select = {"scores": torch.randn(hidden.shape[0]), "ratio": 0.5}
+    got, _ = run(backend, dtype, hidden, weight, targets, cu, "sepo", {}, extra, **select)
+    want, _ = run("naive", torch.float64, hidden, weight, targets, cu, "sepo", {}, extra, **select)
+    assert got[0].dtype == torch.float64
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() <= TOL[dtype] * max(1.0, w.abs().max().item())
