@@ -72,16 +72,21 @@ def test_matches_reference(backend, dtype, size, options):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_many_chunks_and_blocks(backend, monkeypatch):
-    """Rows spanning several chunks of the torch path and several row blocks and chunks of the Triton path."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # 8 rows per chunk
+@pytest.mark.parametrize("options", [{}, {"bias": True, "softcap": 2.0, "temperature": 0.8}])
+def test_many_chunks_and_blocks(backend, options, monkeypatch):
+    """Several row groups and vocabulary blocks of the torch path; several row blocks, vocabulary splits and
+    backward chunks of the Triton path."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # vocabulary blocks of 128 columns: 3 blocks for V = 300
+    monkeypatch.setattr(chunked, "ROW_GROUP", 64)
     monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)  # one row block (128 rows) per backward chunk
-    hidden, weight, _, targets = make_inputs(400, 20, 70, torch.float32)  # 300 rows kept: 3 backward chunks
-    grad = torch.randn(400, dtype=torch.float64)
-    got = run(hidden, weight, None, targets, grad, backend)
-    want = reference(hidden, weight, None, targets, grad)
-    for name, g, w in zip(("logp", "grad_hidden", "grad_weight"), got, want):
-        assert_close(g, w, torch.float32, name)
+    options = dict(options)
+    hidden, weight, bias, targets = make_inputs(400, 20, 300, torch.float32, bias=options.pop("bias", False))
+    grad = torch.randn(400, dtype=torch.float64)  # 300 rows kept: 3 backward chunks on Triton
+    got = run(hidden, weight, bias, targets, grad, backend, **options)
+    want = reference(hidden, weight, bias, targets, grad, **options)
+    for name, g, w in zip(("logp", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+        if w is not None:
+            assert_close(g, w, torch.float32, name)
 
 
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.6, "softcap": 2.5}])
@@ -146,9 +151,9 @@ def test_backward_recomputes_only_rows_with_gradient(monkeypatch):
     projected = []
     original = chunked.Head.logits_of
 
-    def counting(self, h_rows):
-        projected.append(h_rows.shape[0])
-        return original(self, h_rows)
+    def counting(self, h_rows, start, out):
+        projected.append(out.numel() / self.weight.shape[0])  # rows x block width, in whole rows
+        return original(self, h_rows, start, out)
 
     h = hidden.clone().requires_grad_()
     logp = linear_logprobs(h, weight, targets, backend="torch")

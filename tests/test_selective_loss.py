@@ -77,9 +77,9 @@ def test_fused_path_projects_only_selected_tokens_once(monkeypatch):
     projected = []
     original = chunked.Head.logits_of
 
-    def counting(self, h_rows):
-        projected.append(h_rows.shape[0])
-        return original(self, h_rows)
+    def counting(self, h_rows, start, out):
+        projected.append(out.numel() / self.weight.shape[0])  # rows x block width, in whole rows
+        return original(self, h_rows, start, out)
 
     monkeypatch.setattr(chunked.Head, "logits_of", counting)
     scores = torch.randn(hidden.shape[0])

@@ -41,7 +41,9 @@ def selective_loss_fused(hidden, weight, targets, cu_seqlens, selected, name, pa
     # A unit's segments: (p, P + p) for a pair, (s,) for a sequence.
     units_rows = seg_rows[:num_units] + seg_rows[num_units:] if pairwise else seg_rows
     limit = chunk_rows(weight.shape[0])
-    head = Head(weight, bias, temperature, None, rows=max(limit, int(units_rows.max()) if num_units else 1))
+    head = Head(weight, bias, temperature, None)
+    buf = head.buffer(max(limit, int(units_rows.max()) if num_units else 1), weight.shape[0])
+    acc_h_buf = torch.empty(buf.shape[0], hidden.shape[1], dtype=head.acc_dtype, device=hidden.device)
     grads = gradient_buffers(hidden, weight, bias, *need_grads, head.acc_dtype)
     losses, metrics = [], []
     for a, b in unit_groups(units_rows, limit):
@@ -52,7 +54,7 @@ def selective_loss_fused(hidden, weight, targets, cu_seqlens, selected, name, pa
         sub_cu[1:] = counts.cumsum(0)
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
         with torch.no_grad():
-            logp, _, e, sums = head.logprobs(h, t)
+            logp, _, e, sums = head.logprobs(h, t, buf)  # one block spans the vocabulary: e stays in buf
         logp = logp.detach().requires_grad_()
         with torch.enable_grad():
             loss, chunk_metrics = apply_loss(
@@ -68,7 +70,10 @@ def selective_loss_fused(hidden, weight, targets, cu_seqlens, selected, name, pa
             g = g / head.temperature
             # softmax = e / sums, so |g/T| * softmax is e scaled per row: one in-place pass.
             e.mul_((g.abs() / sums)[:, None])
-            head.add_grads(e, h, t, g, torch.sign(g), grads, idx)
+            sign = torch.sign(g)
+            acc_h = acc_h_buf[:idx.numel()].zero_()
+            head.add_block_grads(e, 0, -sign, h.to(head.acc_dtype) * -sign[:, None], (acc_h, grads[1], grads[2]))
+            head.finish_grads(acc_h, h, t, g, sign, grads, idx)
     loss = torch.stack(losses).sum()
     merged = {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]}
     return loss, merged, cast_gradients(grads, weight, bias)
