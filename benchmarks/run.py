@@ -1,0 +1,97 @@
+"""Runs the whole benchmark suite and writes its report:
+
+    python -m benchmarks.run                 # CPU, full size: benchmarks/RESULTS.md, sweep-*-cpu.png
+    python -m benchmarks.run --device cuda   # GPU (bfloat16):  benchmarks/RESULTS-cuda.md, sweep-*-cuda.png
+    python -m benchmarks.run --quick         # toy sizes, to check the suite: benchmarks/quick/
+
+from the repository root, after ``pip install -e '.[bench]'``. The suite itself is pytest-benchmark tests
+(benchmarks/bench_suite.py) run in a subprocess; each appends a record to results-<device>.jsonl, which this
+turns into the report. The exit code is pytest's: non-zero when one of selpo's implementations failed or was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+import torch
+
+from . import report
+from .cases import plan as get_plan
+from .harness import REPO, read_records
+
+PACKAGES = ("torch", "triton", "selpo", "cut-cross-entropy", "liger-kernel", "pytest-benchmark", "numpy")
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="toy sizes (CI): checks the suite, measures nothing")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", help="folder of the report (default: benchmarks/, or benchmarks/quick/ with --quick)")
+    parser.add_argument("--cases", default="", help="run only the cases whose id contains one of these (comma-separated)")
+    parser.add_argument("--impls", default="", help="run only these implementation keys (comma-separated)")
+    parser.add_argument("--budget-gib", type=float, help="memory one implementation may need (default: 60%% of RAM, "
+                                                         "85%% of GPU memory); those needing more are n/a")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    plan = get_plan("quick" if args.quick else "full", args.device)
+    out = os.path.abspath(args.out or os.path.join(REPO, "benchmarks", "quick" if args.quick else ""))
+    os.makedirs(out, exist_ok=True)
+    records = os.path.join(out, f"results-{args.device}.jsonl")
+    if os.path.exists(records):
+        os.remove(records)
+    command = [sys.executable, "-m", "pytest", os.path.join("benchmarks", "bench_suite.py"), "-p", "no:cacheprovider",
+               "-q", "--bench-plan", plan.name, "--bench-device", args.device, "--bench-records", records,
+               "--bench-cases", args.cases, "--bench-impls", args.impls, "--benchmark-sort=fullname",
+               "--benchmark-columns=min,median,iqr,rounds"]
+    if args.budget_gib:
+        command += ["--bench-budget-gib", str(args.budget_gib)]
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # timings of Triton's interpreter would mean nothing
+    started = time.perf_counter()
+    code = subprocess.call(command, cwd=REPO, env=env)
+    elapsed = time.perf_counter() - started
+    if not os.path.exists(records):
+        print(f"no record was written (pytest exit code {code})", file=sys.stderr)
+        return code or 1
+    meta = {
+        "device": describe_device(args.device),
+        "versions": ", ".join(f"{p} {version(p)}" for p in PACKAGES) + f", Python {platform.python_version()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "suite runtime": f"{elapsed / 60:.1f} min",
+    }
+    for path in report.write(read_records(records), meta, plan, out):
+        print(f"wrote {path}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The benchmark harness, end to end at toy size: the suite's smallest cases through ``python -m benchmarks.run``
+(pytest-benchmark timing, memory probes in subprocesses, the float64 check, RESULTS.md and a plot), and the
+check's flagging of wrong outputs. The full suite is not part of the test run (see benchmarks/README.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASE = "linear_logprobs-fwd+bwd-N512-D64-V4096-float32"  # the --quick headline shape
+SWEEP_POINT = "linear_logprobs-fwd+bwd-N512-D64-V2048-float32"  # a second V, so that a V plot is drawn
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--cases", f"{CASE},{SWEEP_POINT}",
+                           "--impls", "selpo-torch,naive,floor,liger-flce", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results-cpu.jsonl") as f:
+        records = {(r["case_id"], r["impl"]): r for r in map(json.loads, f)}
+    return out, records
+
+
+def test_records_hold_checked_timed_and_measured_runs(quick_run):
+    _, records = quick_run
+    n, v = 512, 4096
+    for impl in ("selpo-torch", "naive"):
+        r = records[(CASE, impl)]
+        assert r["status"] == "ok" and r["correct"] is True and r["error"] < r["tol"]
+        assert r["median_s"] > 0 and r["rounds"] == 2
+    naive = records[(CASE, "naive")]
+    # The naive path materializes [N, V] float32 logits: a real peak measurement cannot be smaller.
+    assert naive["peak_bytes"] >= naive["workspace_bytes"] >= n * v * 4
+    assert records[(CASE, "floor")]["median_s"] > 0 and records[(CASE, "floor")]["correct"] is None
+    liger = records[(CASE, "liger-flce")]
+    assert liger["status"] == "n/a" and "CUDA" in liger["reason"] and liger["median_s"] is None
+
+
+def test_report_and_plot_are_written(quick_run):
+    out, _ = quick_run
+    text = (out / "RESULTS.md").read_text()
+    assert "--quick run" in text and "## Targets" in text
+    assert "linear_logprobs: forward+backward — N=512, D=64, V=4096" in text
+    assert "| naive eager: logits, log_softmax, gather (`naive`) | yes (" in text
+    assert "(`liger-flce`) | n/a: Liger's fused linear cross-entropy is a Triton kernel" in text
+    assert "![sweep-V-cpu.png](sweep-V-cpu.png)" in text
+    assert (out / "sweep-V-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def benchmarks_pkg(monkeypatch):
+    monkeypatch.syspath_prepend(REPO)
+    from benchmarks import cases, harness, inputs, reference, report
+
+    return cases, harness, inputs, reference, report
+
+
+def run_checked(benchmarks_pkg, family, mode, impl):
+    cases, harness, inputs, reference, _ = benchmarks_pkg
+    case = harness.Case(family=family, mode=mode, n=64, d=16, v=96, dtype="float32", device="cpu", rounds=1,
+                        seg_len=16)
+    x = inputs.Inputs(case)
+    outputs = cases.impl_of(case, impl).build(case, x).run()
+    fam = cases.FAMILIES[family]
+    expect = fam.expected(case, x, reference.Float64(x))
+    return fam, case, x, outputs, expect
+
+
+def test_wrong_gradient_is_flagged(benchmarks_pkg):
+    fam, case, x, outputs, expect = run_checked(benchmarks_pkg, "linear_logprobs", "fwd+bwd", "naive")
+    tol = benchmarks_pkg[1].TOL["float32"]
+    assert fam.error(outputs, expect, case, x) < tol
+    outputs["grad_weight"][3, 5] += 1e-2 * float(expect["grad_weight"].abs().max())
+    assert fam.error(outputs, expect, case, x) > tol
+    outputs["logp"] = outputs["logp"][:-1]
+    assert fam.error(outputs, expect, case, x) == float("inf")
+
+
+def test_wrong_selection_is_flagged(benchmarks_pkg):
+    fam, case, x, outputs, expect = run_checked(benchmarks_pkg, "token_scores_topk", "select", "naive-loop")
+    tol = benchmarks_pkg[1].TOL["float32"]
+    assert fam.error(outputs, expect, case, x) < tol
+    mask = outputs["mask"].clone()
+    picked, left = torch.nonzero(mask[:16]).squeeze(1), torch.nonzero(~mask[:16]).squeeze(1)
+    mask[picked[0]], mask[left[0]] = False, True  # same count, one token swapped for a worse one
+    assert fam.error({**outputs, "mask": mask}, expect, case, x) > tol
+    mask[left[1]] = True  # one token too many
+    assert fam.error({**outputs, "mask": mask}, expect, case, x) == float("inf")
+
+
+def test_wrong_result_is_shown_as_wrong(benchmarks_pkg):
+    report = benchmarks_pkg[4]
+    assert report.fmt_correct({"status": "ok", "correct": False, "error": 0.25, "tol": 1e-4}).startswith("**NO**")
+    assert report.fmt_correct({"status": "n/a", "reason": "why"}) == "n/a: why"
