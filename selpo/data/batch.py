@@ -1,0 +1,98 @@
+"""Batches in the packed layout the fused ops take, and the seeded, resumable order of the batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from .pairs import TokenizedPair
+
+
+@dataclass
+class PairBatch:
+    """P pairs as 2P right-padded rows (prompt+chosen for pairs 0..P-1, then prompt+rejected) and the
+    packed response tokens: ``h = last_hidden_states(model, input_ids, attention_mask).flatten(0, 1)[positions]``
+    are the hidden states that predict ``targets``, segmented by ``cu_seqlens``."""
+
+    # [2P, T] int64 token ids, padded on the right with pad_id.
+    input_ids: torch.Tensor
+    # [2P, T] int64, 1 on real tokens and 0 on padding.
+    attention_mask: torch.Tensor
+    # [N] int64 flat indices into the [2P * T] positions: the one before each response token.
+    positions: torch.Tensor
+    # [N] int64 response token ids (N = all response tokens of the batch).
+    targets: torch.Tensor
+    # int32 [2P + 1] boundaries of the segments chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}.
+    cu_seqlens: torch.Tensor
+    # [P] int64 source-dataset row of each pair.
+    rows: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.rows.shape[0]
+
+    def to(self, device: str | torch.device) -> PairBatch:
+        return PairBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
+    """Packs pairs for the ops (layout in ``PairBatch``); each pair needs a prompt token and response tokens."""
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError("pairs must be a non-empty list of TokenizedPair")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
+    for pair in pairs:
+        if not isinstance(pair, TokenizedPair):
+            raise TypeError(f"pairs must hold TokenizedPair, got {type(pair).__name__}")
+        if not pair.prompt_ids or not pair.chosen_ids or not pair.rejected_ids:
+            raise ValueError(f"pairs: row {pair.row} has an empty prompt or response; tokenize_pairs drops those")
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(responses), width), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(responses), width), dtype=torch.int64)
+    positions = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        length = len(prompt) + len(response)
+        input_ids[i, :length] = torch.tensor(prompt + response, dtype=torch.int64)
+        attention_mask[i, :length] = 1
+        positions.append(torch.arange(len(response), dtype=torch.int64) + (i * width + len(prompt) - 1))
+    lengths = torch.tensor([0] + [len(r) for r in responses], dtype=torch.int64)
+    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, positions=torch.cat(positions),
+                     targets=torch.tensor([t for r in responses for t in r], dtype=torch.int64),
+                     cu_seqlens=lengths.cumsum(0).to(torch.int32),
+                     rows=torch.tensor([p.row for p in pairs], dtype=torch.int64))
+
+
+class BatchSchedule:
+    """Which items form the batch of each training step: every epoch is a fresh permutation drawn from
+    (seed, epoch), cut into ``num_items // batch_size`` full batches (the remainder waits for a later
+    epoch's draw). ``indices(step)`` depends only on (seed, step), so a resumed run sees the same batches."""
+
+    def __init__(self, num_items: int, batch_size: int, *, seed: int):
+        for name, value, low in (("num_items", num_items, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if batch_size > num_items:
+            raise ValueError(f"batch_size={batch_size} is larger than the {num_items} items")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.steps_per_epoch = num_items // batch_size
+        self._epoch, self._order = -1, None
+
+    def indices(self, step: int) -> list[int]:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            self._epoch = epoch
+        return self._order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+    def iter_from(self, start_step: int = 0):
+        """Batches of steps start_step, start_step + 1, ... without end."""
+        step = start_step
+        while True:
+            yield self.indices(step)
+            step += 1

@@ -1,0 +1,234 @@
+"""Preference rows to token ids: chat template, validation of every row, truncation, and the report.
+
+Formats (TRL's): ``prompt``, ``chosen`` and ``rejected`` as strings, or as lists of ``{"role", "content"}``
+messages (the prompt's turns; the responses' assistant turns). With a chat template, a string prompt is
+one user turn and a string response one assistant turn; the response is the text the template adds after
+the prompt's generation prompt (so it ends with the template's end-of-turn token). Without a chat template
+the prompt is plain text (with the tokenizer's special tokens, e.g. BOS) and each response is plain text
+followed by EOS; conversational rows then raise.
+
+Validation: a missing column raises at once (``ValueError`` naming the source and the columns). A bad row
+is skipped and counted under its reason, or raises naming the source and the row with ``strict=True``:
+
+- ``missing``: prompt, chosen or rejected is null (or absent from that JSON row);
+- ``bad_type``: not a string, or not a list of messages with string role and content, or a row that
+  mixes the two formats;
+- ``empty_response``: chosen or rejected is empty or only whitespace;
+- ``empty_prompt``: the prompt gives no token (plain text without BOS): the first response token needs a
+  token before it to be predicted from;
+- ``too_long``: the prompt leaves no room for a single response token under ``max_length``.
+
+Truncation: the prompt is cut from the left to its last ``max_prompt_length`` tokens (None: never cut),
+then each response is cut from the right so that prompt + response <= ``max_length``. Rows are counted
+from 0, as in ``datasets``. Prompt tokens never enter a loss: only response tokens are targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+COLUMNS = ("prompt", "chosen", "rejected")
+REASONS = ("missing", "bad_type", "empty_response", "empty_prompt", "too_long")
+# How many dropped rows the report lists by number, per reason.
+LISTED_ROWS = 5
+
+
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids; ``row`` is its index in the source dataset."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    row: int
+
+
+@dataclass
+class DataReport:
+    """What happened to a dataset's rows: printed and saved by the stages before any training."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    # Kept rows whose prompt or a response was shortened.
+    truncated: int = 0
+    # Skipped rows per reason (see REASONS), and the first LISTED_ROWS of them per reason.
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.rows} rows, {self.kept} kept ({self.truncated} truncated)"
+        if self.dropped:
+            parts = [f"{reason} {n} (rows {', '.join(map(str, self.dropped_rows[reason]))}"
+                     f"{', ...' if n > len(self.dropped_rows[reason]) else ''})" for reason, n in self.dropped.items()]
+            text += f", {sum(self.dropped.values())} dropped: " + "; ".join(parts)
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def _drop(self, row: int, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        listed = self.dropped_rows.setdefault(reason, [])
+        if len(listed) < LISTED_ROWS:
+            listed.append(row)
+
+
+class BadRow(ValueError):
+    """A row that cannot be used, with its reason (one of REASONS)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def has_chat_template(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The text a model is given before its response (with the chat template's generation prompt)."""
+    if not has_chat_template(tokenizer):
+        if not isinstance(prompt, str):
+            raise ValueError("conversational data (lists of messages) needs a tokenizer with a chat template")
+        return prompt
+    return tokenizer.apply_chat_template(_messages(prompt, "user"), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of ``render_prompt``; special tokens are added only where no chat template provides them."""
+    return encode(tokenizer, [render_prompt(tokenizer, prompt)], prompt=True)[0]
+
+
+def encode(tokenizer, texts: list[str], *, prompt: bool) -> list[list[int]]:
+    """Token ids of rendered prompts or responses (a plain-text response gets EOS appended)."""
+    chat = has_chat_template(tokenizer)
+    ids = tokenizer(texts, add_special_tokens=prompt and not chat)["input_ids"] if texts else []
+    if not prompt and not chat and tokenizer.eos_token_id is not None:
+        ids = [x + [tokenizer.eos_token_id] for x in ids]
+    return ids
+
+
+def tokenize_pairs(dataset, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+                   source: str = "dataset", strict: bool = False) -> tuple[list[TokenizedPair], DataReport]:
+    """Validates, renders, tokenizes and truncates every row (rules in this module's docstring).
+
+    Returns the kept pairs and a ``DataReport``. Raises ``ValueError`` for a missing column, for a bad row
+    when ``strict``, and when no row is left.
+    """
+    _check_lengths(max_length, max_prompt_length)
+    columns = list(getattr(dataset, "column_names", None) or [])
+    missing = [c for c in COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; preference data needs {list(COLUMNS)}, "
+                         f"found {columns}")
+    report = DataReport(source=source, rows=len(dataset))
+    rendered = []
+    for i, row in enumerate(dataset.select_columns(list(COLUMNS))):
+        try:
+            rendered.append((i, *_render_row(row, tokenizer)))
+        except BadRow as bad:
+            _reject(report, source, i, bad, strict)
+        except ValueError as e:
+            raise ValueError(f"{source} row {i}: {e}") from e
+    prompts = encode(tokenizer, [r[1] for r in rendered], prompt=True)
+    chosen = encode(tokenizer, [r[2] for r in rendered], prompt=False)
+    rejected = encode(tokenizer, [r[3] for r in rendered], prompt=False)
+    pairs = []
+    for (i, *_), p, c, r in zip(rendered, prompts, chosen, rejected):
+        try:
+            pair, cut = _truncate(TokenizedPair(p, c, r, i), max_length, max_prompt_length)
+        except BadRow as bad:
+            _reject(report, source, i, bad, strict)
+            continue
+        pairs.append(pair)
+        report.truncated += cut
+    report.kept = len(pairs)
+    if not pairs:
+        raise ValueError(f"{source}: no usable row; {report.summary()}")
+    return pairs, report
+
+
+def _check_lengths(max_length, max_prompt_length):
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2 (a prompt token and a response token), got {max_length!r}")
+    if max_prompt_length is not None and (isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, int)
+                                          or not 1 <= max_prompt_length <= max_length):
+        raise ValueError(f"max_prompt_length must be None or an int in [1, max_length={max_length}], "
+                         f"got {max_prompt_length!r}")
+
+
+def _reject(report, source, row, bad, strict):
+    if strict:
+        raise ValueError(f"{source} row {row}: {bad} ({bad.reason}; strict=True)") from None
+    report._drop(row, bad.reason)
+
+
+def _messages(value, role):
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _check_messages(column, value):
+    if not isinstance(value, list):
+        raise BadRow("bad_type", f"{column} must be a list of messages like the prompt, got {type(value).__name__}")
+    for k, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise BadRow("bad_type", f"{column} message {k} must be a dict with string 'role' and 'content', got {m!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _render_row(row, tokenizer):
+    """(prompt text, chosen text, rejected text) of one row, or BadRow."""
+    for column in COLUMNS:
+        if row[column] is None:
+            raise BadRow("missing", f"{column} is missing (null)")
+    prompt = row["prompt"]
+    conversational = isinstance(prompt, list)
+    if conversational:
+        prompt = _check_messages("prompt", prompt)
+    elif not isinstance(prompt, str):
+        raise BadRow("bad_type", f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    responses = []
+    for column in ("chosen", "rejected"):
+        value = row[column]
+        if conversational:
+            value = _check_messages(column, value)
+            content = "".join(m["content"] for m in value)
+        elif not isinstance(value, str):
+            raise BadRow("bad_type", f"{column} must be a string like the prompt, got {type(value).__name__}")
+        else:
+            content = value
+        if not content.strip():
+            raise BadRow("empty_response", f"{column} is empty")
+        responses.append(value)
+    prompt_text = render_prompt(tokenizer, prompt)
+    if not has_chat_template(tokenizer):
+        return prompt_text, *responses
+    texts = []
+    for value in responses:
+        full = tokenizer.apply_chat_template(_messages(prompt, "user") + _messages(value, "assistant"), tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the tokenizer's chat template does not render prompt + response as the prompt's text "
+                             "followed by the response, so the response tokens cannot be told apart")
+        texts.append(full[len(prompt_text):])
+    return prompt_text, *texts
+
+
+def _truncate(pair, max_length, max_prompt_length):
+    """(pair truncated by the module's rule, whether anything was cut), or BadRow."""
+    if not pair.prompt_ids:
+        raise BadRow("empty_prompt", "the prompt gives no token, so the first response token has nothing to follow")
+    if not pair.chosen_ids or not pair.rejected_ids:
+        raise BadRow("empty_response", "a response gives no token")
+    cut = False
+    if max_prompt_length is not None and len(pair.prompt_ids) > max_prompt_length:
+        pair.prompt_ids = pair.prompt_ids[-max_prompt_length:]
+        cut = True
+    room = max_length - len(pair.prompt_ids)
+    if room < 1:
+        raise BadRow("too_long", f"the prompt has {len(pair.prompt_ids)} tokens, leaving no room for a response "
+                                 f"under max_length={max_length}")
+    if len(pair.chosen_ids) > room or len(pair.rejected_ids) > room:
+        pair.chosen_ids, pair.rejected_ids = pair.chosen_ids[:room], pair.rejected_ids[:room]
+        cut = True
+    return pair, cut

