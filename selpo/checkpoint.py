@@ -1,0 +1,83 @@
+"""Training checkpoints written atomically, so a crash at any moment leaves a loadable one behind.
+
+Layout under a checkpoint folder: ``step-XXXXXXXX/`` (Accelerate's ``save_state``: model, optimizer,
+every process's RNG states; ``<name>.pt`` for other stateful objects such as the learning-rate schedule;
+``trainer_state.json``) and ``latest.json``, which names the newest complete checkpoint. A checkpoint
+is written into a hidden temporary folder, flushed to disk, renamed into place, and only then is
+``latest.json`` replaced (``os.replace``, atomic): until that instant the previous checkpoint stays the
+latest and untouched. Older checkpoints are removed after that; one is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from .atomic import write_text_atomic
+
+LATEST = "latest.json"
+STATE = "trainer_state.json"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(accelerator: Accelerator, root: str | Path, step: int, meta: dict, objects: dict) -> Path:
+    """Saves the accelerator's state after ``step`` as the latest checkpoint under ``root``; removes older ones.
+
+    ``objects`` maps names to objects with ``state_dict()`` (e.g. a scheduler) saved alongside; ``meta``
+    (JSON values) is stored in ``trainer_state.json`` with the step. Every process must call it.
+    """
+    root = Path(root)
+    name = f"step-{step:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)  # keeps tied weights tied, without a warning
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for key, obj in objects.items():
+            torch.save(obj.state_dict(), tmp / f"{key}.pt")
+        (tmp / STATE).write_text(json.dumps({"step": step, **meta}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # left by a run that crashed before pointing latest.json at it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / LATEST, json.dumps({"checkpoint": name, "step": step}))
+        for old in root.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest(root: str | Path) -> tuple[Path, dict] | None:
+    """(folder, trainer state) of the newest complete checkpoint under ``root``, or None."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(root) / json.loads(pointer.read_text())["checkpoint"]
+    return folder, json.loads((folder / STATE).read_text())
+
+
+def load(accelerator: Accelerator, folder: str | Path, objects: dict) -> None:
+    """Restores the model, optimizer, RNG states and ``objects`` saved by ``save``."""
+    accelerator.load_state(str(folder))
+    for key, obj in objects.items():
+        obj.load_state_dict(torch.load(Path(folder) / f"{key}.pt", weights_only=True))

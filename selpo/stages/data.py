@@ -1,0 +1,74 @@
+"""Stage ``data``: every row of the training and held-out data validated and tokenized once, before any
+training, so a bad row is reported (or, with ``data.strict``, raises naming file and row) in seconds,
+never hours into a run. The rules are in ``selpo.data.pairs``."""
+
+from __future__ import annotations
+
+import json
+
+from ..atomic import write_text_atomic
+from ..data import default_data_path, load_preference_dataset, tokenize_pairs
+from ..models import resolve_model_path
+from .pipeline import Context
+from .store import pair_row, read_jsonl, row_pair, write_jsonl
+
+SPLITS = ("train", "test")
+
+
+def source_path(value: str, split: str) -> str:
+    """The file or folder behind ``data.train`` / ``data.test`` ("default": the packaged split)."""
+    return default_data_path(split) if value == "default" else value
+
+
+def distinct_prompts(dataset, pairs) -> list[dict]:
+    """The raw prompts of the kept pairs (for sampling in the eval stage), each once, in data order."""
+    seen, rows = set(), []
+    for pair in pairs:
+        prompt = dataset[pair.row]["prompt"]
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"row": pair.row, "prompt": prompt})
+    return rows
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of the run's model (all the data stage needs of it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
+
+
+def run(ctx: Context) -> dict:
+    cfg = ctx.config.data
+    tokenizer = load_tokenizer(ctx.config.model)
+    out = ctx.stage_dir("data")
+    summary = {}
+    for split, value, limit in (("train", cfg.train, cfg.max_train_pairs), ("test", cfg.test, cfg.max_test_pairs)):
+        source = source_path(value, split)
+        dataset = load_preference_dataset(source)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        pairs, report = tokenize_pairs(dataset, tokenizer, max_length=cfg.max_length,
+                                       max_prompt_length=min(cfg.max_prompt_length, cfg.max_length), source=source,
+                                       strict=cfg.strict)
+        ctx.print(report.summary())
+        summary[split] = report.to_dict()
+        if ctx.accelerator.is_main_process:
+            write_jsonl(out / f"{split}.jsonl", [pair_row(p) for p in pairs])
+            if split == "test":
+                write_jsonl(out / "test_prompts.jsonl", distinct_prompts(dataset, pairs))
+    if ctx.accelerator.is_main_process:
+        write_text_atomic(out / "report.json", json.dumps(summary, indent=1))
+    return {split: {k: summary[split][k] for k in ("rows", "kept", "truncated", "dropped")} for split in SPLITS}
+
+
+def load_pairs(ctx: Context, split: str):
+    """The tokenized pairs of ``split`` ("train" or "test") written by this stage."""
+    return [row_pair(row) for row in read_jsonl(ctx.stage_dir("data") / f"{split}.jsonl")]
+
+
+def load_prompts(ctx: Context) -> list:
+    """The distinct held-out prompts (strings or message lists), in data order."""
+    return [row["prompt"] for row in read_jsonl(ctx.stage_dir("data") / "test_prompts.jsonl")]
+

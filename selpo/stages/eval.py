@@ -1,0 +1,125 @@
+"""Stage ``eval``: the initial model against the trained policy, on held-out prompts and pairs.
+
+- reward: mean VADER compound score of samples (two per prompt, temperature ``eval.temperature``);
+- KL(policy || initial): mean over the policy's samples of sum_t (log p_policy - log p_initial), an
+  unbiased estimate when sampling at temperature 1 (0 for the initial model by definition);
+- held-out preference accuracy: the share of pairs whose chosen response gets the higher implicit
+  reward sum_t (log p_model - log p_initial) (policy and oracle), and the higher mean log-prob;
+- selection precision: the share of the score stage's selected tokens that belong to VADER lexicon
+  words, next to the share a random selection would give (the share of such tokens overall).
+
+One model is held at a time; sampling and scoring are sharded over the processes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..atomic import write_text_atomic
+from ..data import TokenizedPair, encode_prompt
+from ..distributed import map_batches
+from ..logprobs import pair_logps
+from ..models import load_causal_lm
+from ..sentiment import key_token_mask, sample_responses, vader_reward
+from .data import load_pairs, load_prompts
+from .pipeline import Context
+from .score import load_scored
+from .store import write_jsonl
+
+SAMPLES_PER_PROMPT = 2  # packed as one "pair" per prompt, the layout the log-prob pass takes
+
+
+def sample(ctx: Context, model, tokenizer, prompts: list) -> list[TokenizedPair]:
+    """Two samples per prompt as a TokenizedPair each (no preference implied), fixed by the seed."""
+    cfg = ctx.config.eval
+
+    def draw(chunk):
+        first = chunk[0][0]
+        completions = sample_responses(model, tokenizer, [p for _, p in chunk], num_samples=SAMPLES_PER_PROMPT,
+                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       batch_size=SAMPLES_PER_PROMPT * len(chunk), seed=ctx.config.seed + first)
+        return [TokenizedPair(encode_prompt(tokenizer, p), c[0].ids, c[1].ids, row=i)
+                for (i, p), c in zip(chunk, completions)]
+
+    return map_batches(ctx.accelerator, list(enumerate(prompts)), cfg.batch_size, draw)
+
+
+def texts(tokenizer, samples: list[TokenizedPair]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for s in samples for ids in (s.chosen_ids, s.rejected_ids)]
+
+
+def sums(logps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[P, 2] summed log-probs of (chosen, rejected) per pair."""
+    return torch.tensor([[float(c.sum()), float(r.sum())] for c, r in logps]).reshape(-1, 2)
+
+
+def means(logps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    return torch.tensor([[float(c.mean()), float(r.mean())] for c, r in logps]).reshape(-1, 2)
+
+
+def accuracy(rewards: torch.Tensor) -> float:
+    """Share of pairs whose chosen reward (column 0) beats the rejected one (column 1)."""
+    return float((rewards[:, 0] > rewards[:, 1]).float().mean())
+
+
+def selection_precision(tokenizer, rows: list[dict], side: str) -> dict:
+    """Precision of the selected tokens of one side ("chosen"/"rejected") at VADER words, and random's."""
+    selected = hits = key_total = tokens = 0
+    for row in rows:
+        key = key_token_mask(tokenizer, row[f"{side}_ids"])
+        mask = row[f"{side}_mask"]
+        selected += sum(mask)
+        hits += sum(k and m for k, m in zip(key, mask))
+        key_total += sum(key)
+        tokens += len(key)
+    return {f"{side}_precision": hits / max(selected, 1), f"{side}_random_precision": key_total / max(tokens, 1)}
+
+
+def run(ctx: Context) -> dict:
+    cfg, run_cfg, device = ctx.config.eval, ctx.config, ctx.accelerator.device
+    prompts = load_prompts(ctx)[:cfg.prompts]
+    test_pairs = load_pairs(ctx, "test")
+    policy, tokenizer = load_causal_lm(str(ctx.stage_dir("train") / "model"), device=device)
+
+    def logps(model, pairs):
+        return pair_logps(ctx.accelerator, model, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size,
+                          backend=run_cfg.backend)
+
+    policy_samples = sample(ctx, policy, tokenizer, prompts)
+    policy_on_samples, policy_test = sums(logps(policy, policy_samples)), logps(policy, test_pairs)
+    del policy  # one model at a time
+    initial, _ = load_causal_lm(run_cfg.model, device=device)
+    initial_samples = sample(ctx, initial, tokenizer, prompts)
+    initial_on_samples, initial_test = sums(logps(initial, policy_samples)), logps(initial, test_pairs)
+    del initial
+    oracle, _ = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=device)
+    oracle_test = logps(oracle, test_pairs)
+    del oracle
+
+    policy_texts, initial_texts = texts(tokenizer, policy_samples), texts(tokenizer, initial_samples)
+    policy_rewards, initial_rewards = vader_reward(policy_texts), vader_reward(initial_texts)
+    scored = load_scored(ctx)
+    results = {
+        "prompts": len(prompts), "samples": len(policy_texts), "test_pairs": len(test_pairs),
+        "initial": {"reward": sum(initial_rewards) / len(initial_rewards), "kl": 0.0,
+                    "likelihood_accuracy": accuracy(means(initial_test))},
+        "policy": {"reward": sum(policy_rewards) / len(policy_rewards),
+                   "kl": float((policy_on_samples - initial_on_samples).mean()),
+                   "implicit_accuracy": accuracy(sums(policy_test) - sums(initial_test)),
+                   "likelihood_accuracy": accuracy(means(policy_test))},
+        "oracle": {"implicit_accuracy": accuracy(sums(oracle_test) - sums(initial_test))},
+        "selection": {**selection_precision(tokenizer, scored, "chosen"),
+                      **selection_precision(tokenizer, scored, "rejected")},
+    }
+    if ctx.accelerator.is_main_process:
+        out = ctx.stage_dir("eval")
+        write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+        write_jsonl(out / "samples.jsonl", [
+            {"prompt": prompts[k // SAMPLES_PER_PROMPT], "initial": initial_texts[k],
+             "initial_reward": initial_rewards[k], "policy": policy_texts[k], "policy_reward": policy_rewards[k]}
+            for k in range(len(policy_texts))])
+    return results
+

@@ -1,0 +1,184 @@
+"""The stages of a run, what each depends on, and how finished work is recognised and skipped.
+
+Every stage reads and writes ``run_dir/<stage>/`` and, as its very last act, writes ``DONE.json``
+holding its fingerprint: a hash of the configuration keys it depends on and of the fingerprints of
+the stages it reads. A stage is *done* when its ``DONE.json`` carries the fingerprint the current
+configuration gives; *stale* when it carries another (a key it depends on changed, or an upstream
+stage was redone); *missing* otherwise. ``selpo run`` runs every stage that is not done, in order;
+a single stage's command runs that stage, after checking the stages it reads are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import config as config_module
+from ..atomic import write_text_atomic
+from ..config import RunConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+DONE = "DONE.json"
+
+
+@dataclass
+class Context:
+    """What a stage gets: the configuration and the accelerator (processes, device, precision)."""
+
+    config: RunConfig
+    accelerator: Accelerator
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def print(self, *args) -> None:
+        self.accelerator.print(*args)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline, implemented by ``run(ctx) -> dict`` (a JSON summary kept in its DONE.json)
+    in the module ``selpo.stages.<name>``, imported only when the stage runs (so ``--help`` stays fast)."""
+
+    name: str
+    # Stages whose outputs it reads (they must be done first).
+    needs: tuple[str, ...]
+    # Configuration keys its result depends on: run-wide keys or whole sections.
+    keys: tuple[str, ...]
+    # One line for --help and the logs.
+    help: str
+
+    def run(self, ctx: Context) -> dict:
+        return importlib.import_module(f"{__package__}.{self.name}").run(ctx)
+
+
+STAGES = (
+    Stage("data", needs=(), keys=("model", "data"), help="validate and tokenize the training and held-out pairs"),
+    Stage("oracle", needs=("data",), keys=("model", "seed", "oracle"),
+          help="DPO-train a copy of the initial model on a share of the training pairs"),
+    Stage("score", needs=("data", "oracle"), keys=("score",),
+          help="score every response token with the oracle and select the key tokens"),
+    Stage("train", needs=("data", "score"), keys=("seed", "train"),
+          help="train the policy with SePO's loss on the selected key tokens"),
+    Stage("eval", needs=("data", "oracle", "score", "train"), keys=("seed", "eval"),
+          help="sample the initial model and the policy on held-out prompts and compare them"),
+    Stage("report", needs=("data", "oracle", "score", "train", "eval"), keys=("report",),
+          help="write report.html: configuration, results, training curves, token heatmap"),
+)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run yet: a stage it reads is missing or stale."""
+
+
+def stages() -> dict[str, Stage]:
+    """All stages by name, in pipeline order."""
+    return {s.name: s for s in STAGES}
+
+
+def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
+    values = {}
+    for key in keys:
+        value = getattr(config, key)
+        values[key] = config_module.to_dict(value) if dataclasses.is_dataclass(value) else value
+    return values
+
+
+def fingerprint(config: RunConfig, name: str) -> str:
+    """The hash a finished stage ``name`` must carry to count as done under ``config``."""
+    stage = stages()[name]
+    material = {"config": _config_values(config, stage.keys),
+                "needs": {up: fingerprint(config, up) for up in stage.needs}}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done_record(ctx: Context, name: str) -> dict | None:
+    path = ctx.stage_dir(name) / DONE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def status(ctx: Context, name: str) -> str:
+    """"done", "stale" or "missing"."""
+    record = _done_record(ctx, name)
+    if record is None:
+        return "missing"
+    return "done" if record["fingerprint"] == fingerprint(ctx.config, name) else "stale"
+
+
+def _why_stale(ctx: Context, name: str) -> str:
+    record = _done_record(ctx, name)
+    old, new = record.get("config", {}), _config_values(ctx.config, stages()[name].keys)
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if changed:
+        return f"its configuration changed ({', '.join(changed)})"
+    return "a stage it reads was redone since"
+
+
+def run_stage(ctx: Context, name: str) -> dict:
+    """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary."""
+    stage = stages()[name]
+    for up in stage.needs:
+        state = status(ctx, up)
+        if state != "done":
+            reason = "has not run" if state == "missing" else f"is stale: {_why_stale(ctx, up)}"
+            raise StageError(f"stage {name!r} reads the output of stage {up!r}, which {reason}; run "
+                             f"`selpo {up}` first, or `selpo run` for every stage that needs it")
+    save_config(ctx)
+    out = ctx.stage_dir(name)
+    if ctx.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DONE).unlink(missing_ok=True)  # a crash from here on must not look finished
+    ctx.accelerator.wait_for_everyone()
+    ctx.print(f"== {name}: {stage.help}")
+    began = time.perf_counter()
+    summary = stage.run(ctx)
+    record = {"fingerprint": fingerprint(ctx.config, name), "config": _config_values(ctx.config, stage.keys),
+              "seconds": round(time.perf_counter() - began, 1), "summary": summary}
+    if ctx.accelerator.is_main_process:
+        write_text_atomic(out / DONE, json.dumps(record, indent=1))
+    ctx.accelerator.wait_for_everyone()
+    ctx.print(f"== {name}: done in {record['seconds']} s")
+    return record
+
+
+def run_all(ctx: Context) -> dict[str, dict]:
+    """Runs every stage that is not done, in order; returns each stage's DONE record."""
+    records = {}
+    for name in stages():
+        state = status(ctx, name)
+        if state == "done":
+            ctx.print(f"== {name}: done, skipped")
+            records[name] = _done_record(ctx, name)
+            continue
+        if state == "stale":
+            ctx.print(f"== {name}: redone, as {_why_stale(ctx, name)}")
+        records[name] = run_stage(ctx, name)
+    return records
+
+
+def save_config(ctx: Context) -> None:
+    """Writes the configuration of the stage about to run to ``run_dir/config.toml`` (documented, and read
+    back by later commands on the same run folder)."""
+    if ctx.accelerator.is_main_process:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(ctx.run_dir / "config.toml", config_module.to_toml(ctx.config))
+
+
+def clear_stage(ctx: Context, name: str) -> None:
+    """Removes a stage's folder (its outputs and checkpoints), e.g. to retrain from scratch."""
+    if ctx.accelerator.is_main_process:
+        shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
+    ctx.accelerator.wait_for_everyone()

@@ -1,0 +1,141 @@
+"""Stage ``report``: ``report.html`` in the run folder, what a person looks at after a run.
+
+It holds the configuration, the data report, the results table, the training curves (``report/curves.png``)
+and a token heatmap of a few training pairs: each response token coloured by its oracle reward (green
+positive, red negative) and the selected key tokens outlined.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+from .. import config as config_module
+from ..atomic import write_text_atomic
+from ..trainer import read_metrics
+from .data import load_tokenizer
+from .pipeline import Context
+from .score import load_scored
+
+CURVES = ("loss", "accuracy", "margin")
+
+
+def plot_curves(ctx: Context, path) -> None:
+    """Loss, reward accuracy and margin per step of the oracle and the policy, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), constrained_layout=True)
+    for stage in ("oracle", "train"):
+        records = read_metrics(ctx.stage_dir(stage))
+        for ax, key in zip(axes, CURVES):
+            ax.plot([r["step"] for r in records], [r[key] for r in records], marker=".",
+                    label="oracle (DPO)" if stage == "oracle" else "policy (SePO)")
+    for ax, key in zip(axes, CURVES):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_table(results: dict) -> list[tuple[str, str, str]]:
+    """(metric, initial model, trained policy) rows of the eval results, formatted."""
+    init, policy, sel = results["initial"], results["policy"], results["selection"]
+    return [
+        ("reward (mean VADER compound of samples)", f"{init['reward']:+.3f}", f"{policy['reward']:+.3f}"),
+        ("KL from the initial model (nats per sample)", f"{init['kl']:.3f}", f"{policy['kl']:.3f}"),
+        ("held-out accuracy, implicit reward", "-", f"{policy['implicit_accuracy']:.3f}"),
+        ("held-out accuracy, mean log-prob", f"{init['likelihood_accuracy']:.3f}",
+         f"{policy['likelihood_accuracy']:.3f}"),
+        ("oracle held-out accuracy, implicit reward", "", f"{results['oracle']['implicit_accuracy']:.3f}"),
+        ("selected chosen tokens at VADER words (random)", "",
+         f"{sel['chosen_precision']:.3f} ({sel['chosen_random_precision']:.3f})"),
+        ("selected rejected tokens at VADER words (random)", "",
+         f"{sel['rejected_precision']:.3f} ({sel['rejected_random_precision']:.3f})"),
+    ]
+
+
+def summary_text(results: dict) -> str:
+    """The results table as plain text, printed at the end of ``selpo run``."""
+    rows = [("metric", "initial", "policy")] + results_table(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _color(score: float, scale: float) -> str:
+    """A diverging background: green for positive rewards, red for negative, white at 0."""
+    x = max(-1.0, min(1.0, score / scale)) if scale > 0 else 0.0
+    fade = int(255 * (1 - abs(x)))
+    return f"rgb({fade},255,{fade})" if x >= 0 else f"rgb(255,{fade},{fade})"
+
+
+def _tokens_html(tokenizer, ids, scores, mask, scale) -> str:
+    spans = []
+    for token, score, selected in zip(ids, scores, mask):
+        text = html.escape(tokenizer.decode([token]))
+        style = f"background:{_color(score, scale)}" + (";outline:2px solid #222" if selected else "")
+        spans.append(f'<span class="tok" style="{style}" title="{score:+.3f}">{text}</span>')
+    return "".join(spans)
+
+
+def heatmap_html(tokenizer, rows: list[dict]) -> str:
+    """Each pair's prompt, then its chosen and rejected response tokens coloured by reward."""
+    scale = max((abs(s) for r in rows for s in r["chosen_scores"] + r["rejected_scores"]), default=0.0)
+    parts = []
+    for r in rows:
+        prompt = html.escape(tokenizer.decode(r["prompt_ids"], skip_special_tokens=True))
+        parts.append(f'<div class="pair"><div class="prompt">row {r["row"]}: {prompt}</div>')
+        for side in ("chosen", "rejected"):
+            tokens = _tokens_html(tokenizer, r[f"{side}_ids"], r[f"{side}_scores"], r[f"{side}_mask"], scale)
+            parts.append(f'<div class="resp"><b>{side}</b> {tokens}</div>')
+        parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _table(rows, header) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+.pair{margin:1em 0;padding:.5em;border:1px solid #ddd}.prompt{color:#777;margin-bottom:.3em}
+.resp{margin:.3em 0;line-height:1.9}.tok{white-space:pre-wrap;padding:1px 0}pre{background:#f6f6f6;padding:1em}"""
+
+
+def run(ctx: Context) -> dict:
+    results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
+    data_report = json.loads((ctx.stage_dir("data") / "report.json").read_text())
+    shown = load_scored(ctx)[:ctx.config.report.pairs]
+    out = ctx.run_dir / "report.html"
+    if ctx.accelerator.is_main_process:
+        plot_curves(ctx, ctx.stage_dir("report") / "curves.png")
+        data_rows = [(split, r["source"], r["rows"], r["kept"], r["truncated"], json.dumps(r["dropped"]))
+                     for split, r in data_report.items()]
+        name = html.escape(str(ctx.run_dir))
+        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>selpo run: {name}</title>
+<style>{STYLE}</style></head><body>
+<h1>SePO run <code>{name}</code></h1>
+<h2>Results</h2>{_table(results_table(results), ("metric", "initial model", "trained policy"))}
+<p>{results['samples']} samples per model on {results['prompts']} held-out prompts;
+{results['test_pairs']} held-out pairs.</p>
+<h2>Training curves</h2><img src="report/curves.png" alt="training curves" style="max-width:100%">
+<h2>Token rewards of the oracle</h2>
+<p>Background: reward log p<sub>oracle</sub> - log p<sub>initial</sub> (green positive, red negative; hover for the
+value). Outlined: the selected key tokens (highest rewards in chosen responses, lowest in rejected ones).</p>
+{heatmap_html(load_tokenizer(ctx.config.model), shown)}
+<h2>Data</h2>{_table(data_rows, ("split", "source", "rows", "kept", "truncated", "dropped"))}
+<h2>Configuration</h2><pre>{html.escape(config_module.to_toml(ctx.config))}</pre>
+</body></html>
+"""
+        write_text_atomic(out, page)
+    return {"report": str(out)}
+

@@ -1,0 +1,93 @@
+"""Stage ``score``: SePO's token rewards and key tokens for every training pair.
+
+The reward of a response token is ``log p_oracle - log p_initial`` (``token_scores``, one pass over both
+models' hidden states, no logits kept). Per response, ``topk_mask`` keeps the key tokens: the highest
+rewards of a chosen response (``score.chosen_ratio`` of its tokens) and the lowest of a rejected one
+(``score.rejected_ratio``). Scores and masks are saved with the pairs in ``score/scored.jsonl``, which
+the ``train`` stage trains on and the report displays.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from ..data import TokenizedPair, collate_pairs
+from ..distributed import map_batches
+from ..examples import Example, split_packed
+from ..kernels import linear_logprobs, token_scores, topk_mask
+from ..logprobs import response_states
+from ..models import load_causal_lm
+from .data import load_pairs
+from .pipeline import Context
+from .store import pair_row, read_jsonl, row_pair, write_jsonl
+
+
+def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, chosen_ratio: float, rejected_ratio: float,
+           backend: str = "auto") -> torch.Tensor:
+    """bool [N]: per chosen response its top ``chosen_ratio`` scores, per rejected one its bottom ``rejected_ratio``."""
+    num_pairs = (cu_seqlens.shape[0] - 1) // 2
+    split = int(cu_seqlens[num_pairs])
+    chosen = topk_mask(scores[:split], cu_seqlens[:num_pairs + 1], chosen_ratio, largest=True, backend=backend)
+    rejected = topk_mask(scores[split:], cu_seqlens[num_pairs:] - split, rejected_ratio, largest=False,
+                         backend=backend)
+    return torch.cat([chosen, rejected])
+
+
+@torch.no_grad()
+def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[TokenizedPair], *, pad_id: int,
+                batch_size: int, chosen_ratio: float, rejected_ratio: float, backend: str = "auto") -> list:
+    """Per pair, ((chosen scores, rejected scores), (chosen mask, rejected mask)) as CPU tensors.
+
+    Sharded over the processes by whole batches, so every pair is scored in the same batch as on one process.
+    """
+    oracle.eval()
+    reference.eval()
+
+    def score(chunk: list[TokenizedPair]):
+        batch = collate_pairs(chunk, pad_id).to(accelerator.device)
+        with accelerator.autocast():
+            h_oracle, w_oracle, b_oracle = response_states(oracle, batch)
+            h_ref, w_ref, b_ref = response_states(reference, batch)
+        # Rewards are ranked, so they are computed in float32 (bf16 rounding would make ties).
+        h_oracle, w_oracle, h_ref, w_ref = (t.float() for t in (h_oracle, w_oracle, h_ref, w_ref))
+        if b_oracle is None and b_ref is None:
+            scores = token_scores(h_oracle, w_oracle, h_ref, w_ref, batch.targets, backend=backend)
+        else:  # token_scores takes no output bias
+            scores = (linear_logprobs(h_oracle, w_oracle, batch.targets, bias=b_oracle, backend=backend)
+                      - linear_logprobs(h_ref, w_ref, batch.targets, bias=b_ref, backend=backend))
+        mask = select(scores, batch.cu_seqlens, chosen_ratio, rejected_ratio, backend)
+        cu = batch.cu_seqlens.cpu()
+        return list(zip(split_packed(scores.cpu(), cu), split_packed(mask.cpu(), cu)))
+
+    return map_batches(accelerator, pairs, batch_size, score)
+
+
+def run(ctx: Context) -> dict:
+    cfg, run_cfg = ctx.config.score, ctx.config
+    pairs = load_pairs(ctx, "train")
+    oracle, tokenizer = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=ctx.accelerator.device)
+    reference, _ = load_causal_lm(run_cfg.model, device=ctx.accelerator.device)
+    scored = score_pairs(ctx.accelerator, oracle, reference, pairs, pad_id=tokenizer.pad_token_id,
+                         batch_size=cfg.batch_size, chosen_ratio=cfg.chosen_ratio,
+                         rejected_ratio=cfg.rejected_ratio, backend=run_cfg.backend)
+    rows = [pair_row(pair, chosen_scores=c_scores.tolist(), rejected_scores=r_scores.tolist(),
+                     chosen_mask=c_mask.int().tolist(), rejected_mask=r_mask.int().tolist())
+            for pair, ((c_scores, r_scores), (c_mask, r_mask)) in zip(pairs, scored)]
+    if ctx.accelerator.is_main_process:
+        write_jsonl(ctx.stage_dir("score") / "scored.jsonl", rows)
+    tokens = sum(len(r["chosen_mask"]) + len(r["rejected_mask"]) for r in rows)
+    selected = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in rows)
+    return {"pairs": len(rows), "tokens": tokens, "selected": selected, "selected_share": selected / tokens}
+
+
+def load_scored(ctx: Context) -> list[dict]:
+    """The rows of ``score/scored.jsonl``: pair fields plus chosen/rejected scores and 0/1 masks."""
+    return read_jsonl(ctx.stage_dir("score") / "scored.jsonl")
+
+
+def selected_examples(rows: list[dict]) -> list[Example]:
+    """Training examples carrying the selected-token masks (``extras["mask"]``) that SePO trains on."""
+    return [Example(row_pair(r), {"mask": (torch.tensor(r["chosen_mask"], dtype=torch.bool),
+                                           torch.tensor(r["rejected_mask"], dtype=torch.bool))}) for r in rows]
+

@@ -1,0 +1,205 @@
+"""The training loop: one function, readable top to bottom, shared by every training stage and method.
+
+Accelerate runs it on a CPU or one GPU by default, and on several GPUs or machines under
+``accelerate launch`` (DDP or FSDP) unchanged. The global batch (``batch_size`` pairs per optimizer step)
+does not depend on the number of processes: each step's pairs are the same, split into
+``micro_batch_size`` pieces per process and accumulated, so a run on 1 or N processes follows the same
+trajectory up to floating-point rounding.
+
+Exact resume: the pairs of each step are a pure function of (seed, step) (``selpo.data.BatchSchedule``),
+and a checkpoint holds the model, AdamW, the schedule and every RNG state; a run killed after any step
+and resumed from its last checkpoint ends with the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from . import checkpoint
+from .atomic import write_text_atomic
+from .config import LoopConfig, RunConfig
+from .data import BatchSchedule
+from .examples import Example, collate
+from .methods import Method, MethodModule
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    """An Accelerator for ``config.device`` and ``config.precision`` (processes come from ``accelerate launch``)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and not cpu and torch.cuda.is_bf16_supported())
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on vectors (norm scales, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class Tally:
+    """Sums of the loss and metrics of one optimizer step, reduced over processes into means."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], pairs: int) -> None:
+        items = {"loss": (loss.detach().float() * pairs, pairs)}
+        items.update({k: (v.detach().float().sum(), v.numel()) for k, v in metrics.items()})
+        for key, (total, count) in items.items():
+            self.sums[key] = self.sums.get(key, 0.0) + total
+            self.counts[key] = self.counts.get(key, 0) + count
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        keys = sorted(self.sums)
+        local = torch.tensor([float(self.sums[k]) for k in keys] + [float(self.counts[k]) for k in keys],
+                             dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        return {k: total[i] / total[len(keys) + i] for i, k in enumerate(keys)}
+
+
+def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, total: int, objects: dict) -> int:
+    """Loads the latest checkpoint of this same training (same fingerprint and length); returns its step."""
+    found = checkpoint.latest(ckpt_dir)
+    if found is None:
+        return 0
+    folder, state = found
+    if state.get("fingerprint") != fingerprint or state.get("total_steps") != total:
+        accelerator.print(f"ignoring checkpoint {folder}: it belongs to a different configuration")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(ckpt_dir)
+        accelerator.wait_for_everyone()
+        return 0
+    checkpoint.load(accelerator, folder, objects)
+    accelerator.print(f"resuming from {folder} (step {state['step']} of {total})")
+    return state["step"]
+
+
+def _open_log(path: Path, start: int):
+    """metrics.jsonl with the records of steps after ``start`` removed (they are about to be redone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() and start else []
+    kept = [line for line in lines if json.loads(line)["step"] <= start]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The records of ``out_dir/metrics.jsonl`` written by ``train``, in step order."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def save_model(accelerator: Accelerator, module: torch.nn.Module, tokenizer, out: Path) -> None:
+    """``save_pretrained`` of the trained model (and tokenizer) into ``out``, atomically, from the full state."""
+    state = accelerator.get_state_dict(module)  # gathers FSDP shards; every process must call it
+    if accelerator.is_main_process:
+        lm = accelerator.unwrap_model(module).lm
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in state.items()})
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+
+
+def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, examples: list[Example],
+                    chosen: list[int], config: LoopConfig, pad_id: int) -> dict:
+    """One optimizer step on the global batch ``chosen``: this process's micro-batches, gradients
+    accumulated (synchronised across processes on the last one only), clipped, applied.
+
+    Returns the values to log: the learning rate used, the gradient norm, and the means of the loss and
+    the method's metrics over the global batch.
+    """
+    world, rank, mb = accelerator.num_processes, accelerator.process_index, config.micro_batch_size
+    accum = config.batch_size // (mb * world)
+    tally = Tally()
+    for micro in range(accum):
+        piece = chosen[(micro * world + rank) * mb:(micro * world + rank + 1) * mb]
+        batch = collate([examples[i] for i in piece], pad_id).to(accelerator.device)
+        with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(module):
+            loss, metrics = module(batch)
+            accelerator.backward(loss / accum)
+        tally.add(loss, metrics, len(piece))
+    grad_norm = accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm) if config.max_grad_norm else None
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"lr": lr, **tally.means(accelerator), "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+
+def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: Method, examples: list[Example],
+          config: LoopConfig, out_dir: str | Path, *, seed: int, fingerprint: str = "",
+          on_step: Callable[[int], None] | None = None) -> torch.nn.Module:
+    """Trains ``model`` with ``method`` on ``examples``; returns it trained, saved in ``out_dir/model``.
+
+    ``out_dir`` receives ``checkpoints/``, ``metrics.jsonl`` (one JSON record per logged step) and
+    ``model/``. A checkpoint there with the same ``fingerprint`` (a hash of everything that shapes the
+    training) and the same number of steps is resumed. ``on_step(step)`` runs after every optimizer step
+    and its checkpoint (e.g. to evaluate, or to alternate with another model).
+    """
+    out_dir = Path(out_dir)
+    per_micro_step = config.micro_batch_size * accelerator.num_processes
+    if config.batch_size % per_micro_step:
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size "
+                         f"({config.micro_batch_size}) x processes ({accelerator.num_processes})")
+    if len(examples) < config.batch_size:
+        raise ValueError(f"{len(examples)} training pairs do not fill one batch of batch_size={config.batch_size}")
+    schedule = BatchSchedule(len(examples), config.batch_size, seed=seed)
+    steps_per_epoch = schedule.steps_per_epoch
+    total = config.max_steps or config.epochs * steps_per_epoch
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    set_seed(seed)
+    model.train()
+    module = accelerator.prepare(MethodModule(model, method))
+    optimizer = accelerator.prepare(torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
+    # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
+    try:
+        start = _resume(accelerator, out_dir / "checkpoints", fingerprint, total, {"scheduler": scheduler})
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context(_open_log(out_dir / "metrics.jsonl", start)) if accelerator.is_main_process \
+                else None
+            bar = stack.enter_context(tqdm(total=total, initial=start, desc=out_dir.name,
+                                           disable=not accelerator.is_main_process))
+            began = time.perf_counter()
+            for step in range(start, total):
+                record = _optimizer_step(accelerator, module, optimizer, scheduler, examples,
+                                         schedule.indices(step), config, pad_id)
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}")
+                if log is not None and (done % config.log_every == 0 or done == total):
+                    record = {"step": done, "epoch": done / steps_per_epoch, **record,
+                              "seconds": time.perf_counter() - began}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if (config.save_every and done % config.save_every == 0) or done == total:
+                    checkpoint.save(accelerator, out_dir / "checkpoints", done,
+                                    {"fingerprint": fingerprint, "total_steps": total}, {"scheduler": scheduler})
+                if on_step is not None:
+                    on_step(done)
+        save_model(accelerator, module, tokenizer, out_dir / "model")
+        return accelerator.unwrap_model(module).lm
+    finally:
+        accelerator.free_memory()  # forget this run's model, optimizer and scheduler
