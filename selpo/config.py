@@ -87,6 +87,9 @@ class LoopConfig:
     save_every: int = option(50, "Write a checkpoint every N optimizer steps (0: only at the end); a killed "
                              "run resumes from the last one.")
     log_every: int = option(1, "Append metrics to metrics.jsonl every N optimizer steps.")
+    gradient_checkpointing: bool = option(False, "Recompute each transformer layer's activations in the backward "
+                                          "instead of storing them: much less memory for about a third more "
+                                          "compute.")
 
     def __post_init__(self):
         s = self.SECTION

@@ -171,6 +171,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: M
 
     set_seed(seed)
     model.train()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = accelerator.prepare(MethodModule(model, method))
     optimizer = accelerator.prepare(torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
     # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.

@@ -4,6 +4,7 @@ On a tiny random Llama: the methods' losses against full-logit math, exact resum
 while saving, and 2 processes (gloo) against 1 with the same global batch.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -160,6 +161,18 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, accelerator, dpo_examp
     # The trained model is saved for plain transformers.
     saved, _ = load_causal_lm(str(tmp_path / "resumed" / "model"))
     assert all(torch.equal(v, b[k]) for k, v in saved.state_dict().items())
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny, accelerator, dpo_examples, tmp_path):
+    loop = LoopConfig(batch_size=4, micro_batch_size=2, lr=1e-3, max_steps=2, save_every=0, warmup_ratio=0.0)
+    stored = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "stored", loop=loop)
+    recomputed = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "recomputed",
+                            loop=dataclasses.replace(loop, gradient_checkpointing=True))
+    assert recomputed.is_gradient_checkpointing and not stored.is_gradient_checkpointing
+    a, b = stored.state_dict(), recomputed.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    initial = load_causal_lm(tiny[0])[0].state_dict()
+    assert not all(torch.equal(a[k], initial[k]) for k in a)
 
 
 def test_training_logs_loss_accuracy_and_schedule(tiny, accelerator, dpo_examples, tmp_path):
