@@ -8,7 +8,7 @@ import json
 
 from ..atomic import write_text_atomic
 from ..data import default_data_path, load_preference_dataset, tokenize_pairs
-from ..models import resolve_model_path
+from ..models import load_tokenizer
 from .pipeline import Context
 from .store import pair_row, read_jsonl, row_pair, write_jsonl
 
@@ -33,13 +33,6 @@ def distinct_prompts(dataset, pairs) -> list[dict]:
             seen.add(key)
             rows.append({"row": pair.row, "prompt": prompt})
     return rows
-
-
-def load_tokenizer(model: str):
-    """The tokenizer of the run's model (all the data stage needs of it)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
 
 
 def run(ctx: Context) -> dict:

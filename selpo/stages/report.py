@@ -13,7 +13,7 @@ import json
 from .. import config as config_module
 from ..atomic import write_text_atomic
 from ..trainer import read_metrics
-from .data import load_tokenizer
+from ..models import load_tokenizer
 from .pipeline import Context
 from .score import load_scored
 

@@ -7,9 +7,8 @@ tokenizer, e.g. a larger one supervised by a small oracle. No reference model is
 from __future__ import annotations
 
 from ..methods import SePO
-from ..models import load_causal_lm
+from ..models import load_causal_lm, load_tokenizer
 from ..trainer import read_metrics, train
-from .data import load_tokenizer
 from .pipeline import Context, fingerprint
 from .score import load_scored, selected_examples
 
