@@ -12,8 +12,8 @@ import json
 
 from .. import config as config_module
 from ..atomic import write_text_atomic
-from ..trainer import read_metrics
 from ..models import load_tokenizer
+from ..trainer import read_metrics
 from .pipeline import Context
 from .score import load_scored
 
