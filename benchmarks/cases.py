@@ -68,8 +68,9 @@ class Plan:
 PLANS = {
     ("full", "cpu"): Plan(
         name="full", device="cpu", dtype="float32", headline=dict(n=4096, d=576, v=49152),
-        sweeps={"N": dict(d=576, v=49152), "V": dict(n=512, d=576)},
-        sweep_values={"N": (1024, 2048, 4096, 8192), "V": (32768, 49152, 131072, 151936, 262144)},
+        sweeps={"N": dict(d=576, v=49152), "V": dict(n=512, d=576), "D": dict(n=1024, v=49152)},
+        sweep_values={"N": (1024, 2048, 4096, 8192), "V": (32768, 49152, 131072, 151936, 262144),
+                      "D": (576, 2048, 4096)},
         selpo="torch", sweep_impls=CPU_SWEEP_IMPLS, skip={}, rounds=3, sweep_rounds=1, warmup=0, seg_len=128),
     ("quick", "cpu"): Plan(
         name="quick", device="cpu", dtype="float32", headline=dict(n=512, d=64, v=4096),
