@@ -36,8 +36,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="selpo", description="SePO, end to end: an oracle trained with DPO scores every response token, the "
-        "key tokens are selected, and a policy is trained on them alone. Every stage uses the fused ops of "
+        prog="selpo", description="Token-level preference optimization, end to end. SePO (the default method): an "
+        "oracle trained with DPO scores every response token, the key tokens are selected, and a policy is "
+        "trained on them alone; also Selective-DPO, token-level guidance, and the DPO and SimPO baselines "
+        "(`--set method=...`), and `selpo compare` to run them side by side. Every stage uses the fused ops of "
         "selpo.kernels; none builds full logits.",
         epilog="`selpo run` with no argument runs the embedded default (SmolLM2-135M-Instruct, controlled-sentiment "
         "reviews) into runs/default. `selpo <command> --help` tells what each command does and which keys it reads.",
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     for stage in stages().values():
         sub = commands.add_parser(stage.name, help=stage.help, description=f"{stage.help}. Reads the outputs of: "
-                                  f"{', '.join(stage.needs) or 'nothing but the data files'}; writes "
+                                  f"{', '.join(stage.needs) or 'nothing but the data files'} (those its method runs); writes "
                                   f"run_dir/{stage.name}/. Runs again even if already done.",
                                   epilog=_keys_epilog(stage.keys), formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(sub)
@@ -58,12 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--pairs", type=int, default=400, help="with --generate: pairs in all (default 400)")
             sub.add_argument("--test-pairs", type=int, default=80, help="with --generate: held-out pairs (default 80)")
     run = commands.add_parser("run", help="run every stage not yet done, in order, and print the results",
-                              description="Runs data, oracle, score, train, eval and report in order, skipping "
+                              description="Runs the stages of the configured method in order (sepo: data, oracle, score, "
+                              "train, eval, report; selective_dpo: no score; guidance: guidance instead of oracle "
+                              "and score; dpo, simpo: data, train, eval, report), skipping "
                               "stages already done in the run folder with the same configuration (a stage whose "
                               "keys changed, or that follows a redone one, runs again). A killed training stage "
                               "resumes from its last checkpoint. Ends with a results table and the report's path.",
                               epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(run)
+    comp = commands.add_parser("compare", help="run the methods side by side and write a comparison report",
+                               description="Runs each method (default: all five) over a small grid of its "
+                               "strength parameter on the same data and step budget, reusing finished runs, and "
+                               "writes DIR/compare.html (reward-vs-KL frontier, a table per method, token "
+                               "heatmaps), DIR/compare.md and DIR/frontier.png. Its default size is smaller than "
+                               "`selpo run`'s (see selpo.compare.DEFAULTS; --config or --set override it).",
+                               epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    comp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
+    comp.add_argument("--dir", default="runs/compare", help="folder of the runs and the report (default runs/compare)")
+    comp.add_argument("--methods", default="", help="comma-separated methods (default: "
+                      "sepo,selective_dpo,guidance,dpo,simpo)")
+    comp.add_argument("--grid", metavar="METHOD=KEY:V1,V2", action="append", default=[],
+                      help="the strength values of a method, e.g. dpo=train.beta:0.05,0.1,0.5 (repeatable)")
     show = commands.add_parser("config", help="print the configuration in use (TOML, documented) or all keys",
                                description="Prints the resolved configuration as a TOML file with every key "
                                "documented, ready to edit and pass back with --config.")
@@ -100,9 +118,24 @@ def _print_results(records: dict) -> None:
         print(f"\nreport: {records['report']['summary']['report']}")
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, load_config
+    from .trainer import make_accelerator
+
+    config = load_config(args.config, args.set)
+    accelerator = make_accelerator(config)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+    rows, path = compare(config, accelerator, args.dir, methods, args.grid)
+    if accelerator.is_main_process:
+        print(f"\nreport: {path}\n" + (Path(args.dir) / "compare.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "compare":
+            return _compare(args)
         config = resolve_config(args)
         if args.command == "config":
             if args.keys:

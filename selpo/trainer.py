@@ -149,13 +149,15 @@ def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, exam
 
 def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: Method, examples: list[Example],
           config: LoopConfig, out_dir: str | Path, *, seed: int, fingerprint: str = "",
-          on_step: Callable[[int], None] | None = None) -> torch.nn.Module:
+          on_step: Callable[[int], None] | None = None,
+          before_step: Callable[[int, torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Trains ``model`` with ``method`` on ``examples``; returns it trained, saved in ``out_dir/model``.
 
     ``out_dir`` receives ``checkpoints/``, ``metrics.jsonl`` (one JSON record per logged step) and
     ``model/``. A checkpoint there with the same ``fingerprint`` (a hash of everything that shapes the
     training) and the same number of steps is resumed. ``on_step(step)`` runs after every optimizer step
-    and its checkpoint (e.g. to evaluate, or to alternate with another model).
+    and its checkpoint (e.g. to evaluate); ``before_step(step, model)`` before every one, the first after a
+    resume included (e.g. to alternate with another model: it may change ``examples`` in place).
     """
     out_dir = Path(out_dir)
     per_micro_step = config.micro_batch_size * accelerator.num_processes
@@ -186,6 +188,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: M
                                            disable=not accelerator.is_main_process))
             began = time.perf_counter()
             for step in range(start, total):
+                if before_step is not None:
+                    before_step(step, accelerator.unwrap_model(module).lm)
                 record = _optimizer_step(accelerator, module, optimizer, scheduler, examples,
                                          schedule.indices(step), config, pad_id)
                 done = step + 1

@@ -123,8 +123,9 @@ def test_every_field_is_documented_and_optional_ones_default_to_none():
 def test_every_key_is_settable_and_listed():
     keys = cfg.all_keys()
     assert len(keys) == len(_all_fields())
-    assert {"seed", "train.lr", "oracle.fraction", "score.chosen_ratio", "eval.prompts", "report.pairs"} <= set(keys)
-    assert cfg.section_names() == ("data", "oracle", "score", "train", "eval", "report")
+    assert {"seed", "method", "train.lr", "oracle.fraction", "guidance.aggregation", "score.chosen_ratio", "eval.prompts",
+            "report.pairs"} <= set(keys)
+    assert cfg.section_names() == ("data", "oracle", "guidance", "score", "train", "eval", "report")
     assert dataclasses.fields(cfg.OracleConfig)[0].name == "epochs"  # the shared loop settings come first
 
 

@@ -21,7 +21,8 @@ def test_no_top_level_kernels_module(tmp_path):
 
 def test_public_ops_exported():
     for name in ("linear_logprobs", "logprobs_from_logits", "token_scores", "topk_mask", "sepo_loss", "dpo_loss",
-                 "simpo_loss", "weighted_nll", "linear_selective_loss"):
+                 "simpo_loss", "weighted_nll", "linear_selective_loss", "sequence_scores", "mean_lengths",
+                 "plackett_luce_loss"):
         assert callable(getattr(selpo.kernels, name)), name
 
 

@@ -1,8 +1,6 @@
 """Every stage end to end through the `selpo` command on a tiny random Llama, and how runs are resumed,
 skipped and refused (selpo.cli, selpo.stages)."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -13,40 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from selpo import cli
 from selpo.models import tiny_model_dir, tiny_tokenizer
-from selpo.stages.pipeline import DONE, STAGES
+from selpo.stages.pipeline import DONE, PIPELINES
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_runs import PROMPTS, tiny_settings  # noqa: E402
+from cli_runs import selpo as _selpo  # noqa: E402
 from tiny_data import write_pairs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-PROMPTS = 3
-
-
-def _settings(model, train, test):
-    pairs = {"model": model, "data.train": train, "data.test": test, "data.max_length": 48, "backend": "torch",
-             "oracle.fraction": 0.5, "oracle.batch_size": 4, "oracle.micro_batch_size": 2, "oracle.max_steps": 3,
-             "oracle.lr": 1e-3, "oracle.save_every": 2, "score.chosen_ratio": 0.3, "score.rejected_ratio": 0.5,
-             "score.batch_size": 7, "train.batch_size": 4, "train.micro_batch_size": 4, "train.max_steps": 3,
-             "train.lr": 1e-3, "eval.prompts": PROMPTS, "eval.max_new_tokens": 6, "eval.batch_size": 2,
-             "report.pairs": 3}
-    return [arg for key, value in pairs.items() for arg in ("--set", f"{key}={value}")]
-
-
-def _selpo(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     train = write_pairs(root / "train.jsonl", 30)
-    return root, train, _settings(tiny_model_dir(root), train, write_pairs(root / "test.jsonl", 8, seed=1))
+    return root, train, tiny_settings(tiny_model_dir(root), train, write_pairs(root / "test.jsonl", 8, seed=1))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +47,9 @@ def _copy(run_dir, tmp_path):
 
 def test_run_writes_every_stage_and_prints_the_summary(run):
     run_dir, out = run
-    for stage in STAGES:
-        assert (run_dir / stage.name / DONE).is_file(), stage.name
+    for stage in PIPELINES["sepo"]:
+        assert (run_dir / stage / DONE).is_file(), stage
+    assert not (run_dir / "guidance").exists()
     for path in ("data/train.jsonl", "data/test.jsonl", "data/report.json", "oracle/model/config.json",
                  "oracle/metrics.jsonl", "oracle/subset.json", "score/scored.jsonl", "train/model/config.json",
                  "train/model/tokenizer.json", "train/metrics.jsonl", "eval/results.json", "eval/samples.jsonl",
@@ -121,7 +101,7 @@ def test_report_has_its_parts(run):
     run_dir = run[0]
     page = (run_dir / "report.html").read_text()
     for part in ("<h2>Results</h2>", "<h2>Training curves</h2>", 'src="report/curves.png"',
-                 "<h2>Token rewards of the oracle</h2>", "<h2>Data</h2>", "<h2>Configuration</h2>",
+                 "<h2>Tokens as SePO sees them</h2>", "<h2>Data</h2>", "<h2>Configuration</h2>",
                  "chosen_ratio = 0.3"):
         assert part in page, part
     assert (run_dir / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -134,11 +114,11 @@ def test_report_has_its_parts(run):
 
 def test_second_run_skips_every_finished_stage(run):
     run_dir = run[0]
-    before = {s.name: (run_dir / s.name / DONE).read_text() for s in STAGES}
+    before = {s: (run_dir / s / DONE).read_text() for s in PIPELINES["sepo"]}
     code, out, _ = _selpo("run", "--run-dir", run_dir)  # the run folder's config.toml is reused
     assert code == 0
-    assert out.count("done, skipped") == len(STAGES)
-    assert before == {s.name: (run_dir / s.name / DONE).read_text() for s in STAGES}
+    assert out.count("done, skipped") == len(PIPELINES["sepo"])
+    assert before == {s: (run_dir / s / DONE).read_text() for s in PIPELINES["sepo"]}
 
 
 def test_changed_key_redoes_only_the_stages_that_depend_on_it(run, tmp_path):

@@ -7,26 +7,30 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .pairs import TokenizedPair
+from .pairs import TokenizedPair, TokenizedRanking
 
 
 @dataclass
 class PairBatch:
     """P pairs as 2P right-padded rows (prompt+chosen for pairs 0..P-1, then prompt+rejected) and the
     packed response tokens: ``h = last_hidden_states(model, input_ids, attention_mask).flatten(0, 1)[positions]``
-    are the hidden states that predict ``targets``, segmented by ``cu_seqlens``."""
+    are the hidden states that predict ``targets``, segmented by ``cu_seqlens``.
 
-    # [2P, T] int64 token ids, padded on the right with pad_id.
+    Rankings of K responses (``collate_ranked``) use the same layout rank by rank: row and segment
+    ``k * P + g`` hold the k-th best response of group g, so a pair is the case K = 2.
+    """
+
+    # [KP, T] int64 token ids, padded on the right with pad_id.
     input_ids: torch.Tensor
-    # [2P, T] int64, 1 on real tokens and 0 on padding.
+    # [KP, T] int64, 1 on real tokens and 0 on padding.
     attention_mask: torch.Tensor
-    # [N] int64 flat indices into the [2P * T] positions: the one before each response token.
+    # [N] int64 flat indices into the [KP * T] positions: the one before each response token.
     positions: torch.Tensor
     # [N] int64 response token ids (N = all response tokens of the batch).
     targets: torch.Tensor
-    # int32 [2P + 1] boundaries of the segments chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}.
+    # int32 [KP + 1] boundaries of the segments chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}.
     cu_seqlens: torch.Tensor
-    # [P] int64 source-dataset row of each pair.
+    # [P] int64 source-dataset row of each pair (or ranking).
     rows: torch.Tensor
 
     @property
@@ -39,17 +43,30 @@ class PairBatch:
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
     """Packs pairs for the ops (layout in ``PairBatch``); each pair needs a prompt token and response tokens."""
-    if not isinstance(pairs, (list, tuple)) or not pairs:
-        raise ValueError("pairs must be a non-empty list of TokenizedPair")
+    return _collate(pairs, pad_id, TokenizedPair, "pairs")
+
+
+def collate_ranked(rankings: list[TokenizedRanking], pad_id: int) -> PairBatch:
+    """Packs rankings of the same size K >= 2 rank by rank (layout in ``PairBatch``)."""
+    sizes = {len(getattr(r, "responses", ())) for r in rankings} if isinstance(rankings, (list, tuple)) else set()
+    if len(sizes) > 1 or sizes & {0, 1}:
+        raise ValueError(f"rankings must all hold the same number K >= 2 of responses, got sizes {sorted(sizes)}")
+    return _collate(rankings, pad_id, TokenizedRanking, "rankings")
+
+
+def _collate(items: list, pad_id: int, kind: type, name: str) -> PairBatch:
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"{name} must be a non-empty list of {kind.__name__}")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
         raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
-    for pair in pairs:
-        if not isinstance(pair, TokenizedPair):
-            raise TypeError(f"pairs must hold TokenizedPair, got {type(pair).__name__}")
-        if not pair.prompt_ids or not pair.chosen_ids or not pair.rejected_ids:
-            raise ValueError(f"pairs: row {pair.row} has an empty prompt or response; tokenize_pairs drops those")
-    prompts = [p.prompt_ids for p in pairs] * 2
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    for item in items:
+        if not isinstance(item, kind):
+            raise TypeError(f"{name} must hold {kind.__name__}, got {type(item).__name__}")
+        if not item.prompt_ids or not all(item.responses):
+            raise ValueError(f"{name}: row {item.row} has an empty prompt or response; tokenize_pairs drops those")
+    ranks = len(items[0].responses)
+    prompts = [item.prompt_ids for item in items] * ranks
+    responses = [item.responses[k] for k in range(ranks) for item in items]
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(responses), width), pad_id, dtype=torch.int64)
     attention_mask = torch.zeros((len(responses), width), dtype=torch.int64)
@@ -63,7 +80,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
     return PairBatch(input_ids=input_ids, attention_mask=attention_mask, positions=torch.cat(positions),
                      targets=torch.tensor([t for r in responses for t in r], dtype=torch.int64),
                      cu_seqlens=lengths.cumsum(0).to(torch.int32),
-                     rows=torch.tensor([p.row for p in pairs], dtype=torch.int64))
+                     rows=torch.tensor([item.row for item in items], dtype=torch.int64))
 
 
 class BatchSchedule:

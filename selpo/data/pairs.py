@@ -42,6 +42,21 @@ class TokenizedPair:
     rejected_ids: list[int]
     row: int
 
+    @property
+    def responses(self) -> tuple[list[int], list[int]]:
+        """The responses best first: a pair is a ranking of two."""
+        return self.chosen_ids, self.rejected_ids
+
+
+@dataclass
+class TokenizedRanking:
+    """K >= 2 responses to one prompt, best first (e.g. samples ranked by the task's reward); ``row``
+    identifies the prompt."""
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    row: int
+
 
 @dataclass
 class DataReport:

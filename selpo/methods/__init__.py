@@ -5,6 +5,10 @@ The loop in ``selpo.trainer`` takes any of them, so a new method is a new file h
 
 from .base import Method, MethodModule
 from .dpo import DPO, with_reference_logps
+from .guidance import RewardWeightedLikelihood, TokenRewardRanking, reward_weights
+from .selective_dpo import SelectiveDPO, selection_scores
 from .sepo import SePO
+from .simpo import SimPO
 
-__all__ = ["DPO", "Method", "MethodModule", "SePO", "with_reference_logps"]
+__all__ = ["DPO", "Method", "MethodModule", "RewardWeightedLikelihood", "SePO", "SelectiveDPO", "SimPO",
+           "TokenRewardRanking", "reward_weights", "selection_scores", "with_reference_logps"]

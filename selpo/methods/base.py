@@ -19,7 +19,8 @@ class Method(Protocol):
 
     ``loss(model, batch)`` returns ``(loss, metrics)``: a 0-dim loss, the mean over the batch's pairs,
     and metrics as detached 1-dim tensors (e.g. per pair: "accuracy", "margin", "chosen_reward",
-    "rejected_reward"; per response: "selected"), which the loop averages over the global batch.
+    "rejected_reward"; per response: "selected", the tokens the loss read, from which the module adds
+    "token_share"), which the loop averages over the global batch.
     """
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
@@ -38,4 +39,8 @@ class MethodModule(nn.Module):
         self.method = method
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.method.loss(self.lm, batch)
+        loss, metrics = self.method.loss(self.lm, batch)
+        if "selected" in metrics:  # the share of each response's tokens the loss reads
+            lengths = batch.pairs.cu_seqlens.diff().float().clamp(min=1)
+            metrics = {**metrics, "token_share": metrics["selected"].float() / lengths}
+        return loss, metrics

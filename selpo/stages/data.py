@@ -24,7 +24,8 @@ def source_path(value: str, split: str) -> str:
 
 
 def distinct_prompts(dataset, pairs) -> list[dict]:
-    """The raw prompts of the kept pairs (for sampling in the eval stage), each once, in data order."""
+    """The raw prompts of the kept pairs (for sampling: held-out ones in eval, training ones in guidance's
+    retraining rounds), each once, in data order."""
     seen, rows = set(), []
     for pair in pairs:
         prompt = dataset[pair.row]["prompt"]
@@ -55,8 +56,7 @@ def run(ctx: Context) -> dict:
         summary[split] = report.to_dict()
         if ctx.accelerator.is_main_process:
             write_jsonl(out / f"{split}.jsonl", [pair_row(p) for p in pairs])
-            if split == "test":
-                write_jsonl(out / "test_prompts.jsonl", distinct_prompts(dataset, pairs))
+            write_jsonl(out / f"{split}_prompts.jsonl", distinct_prompts(dataset, pairs))
     if ctx.accelerator.is_main_process:
         write_text_atomic(out / "report.json", json.dumps(summary, indent=1))
     return {split: {k: summary[split][k] for k in ("rows", "kept", "truncated", "dropped")} for split in SPLITS}
@@ -67,7 +67,7 @@ def load_pairs(ctx: Context, split: str):
     return [row_pair(row) for row in read_jsonl(ctx.stage_dir("data") / f"{split}.jsonl")]
 
 
-def load_prompts(ctx: Context) -> list:
-    """The distinct held-out prompts (strings or message lists), in data order."""
-    return [row["prompt"] for row in read_jsonl(ctx.stage_dir("data") / "test_prompts.jsonl")]
+def load_prompts(ctx: Context, split: str = "test") -> list:
+    """The distinct prompts (strings or message lists) of ``split``, in data order."""
+    return [row["prompt"] for row in read_jsonl(ctx.stage_dir("data") / f"{split}_prompts.jsonl")]
 

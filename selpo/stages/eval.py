@@ -5,8 +5,12 @@
   unbiased estimate when sampling at temperature 1 (0 for the initial model by definition);
 - held-out preference accuracy: the share of pairs whose chosen response gets the higher implicit
   reward sum_t (log p_model - log p_initial) (policy and oracle), and the higher mean log-prob;
-- selection precision: the share of the score stage's selected tokens that belong to VADER lexicon
-  words, next to the share a random selection would give (the share of such tokens overall).
+- the method's view of the first ``eval.token_pairs`` training pairs (``tokens.jsonl``, the report's
+  heatmap): each response token's score or weight under the method, and whether its loss reads it;
+- selection precision (methods that select tokens: sepo, selective_dpo): the share of the selected
+  tokens that belong to VADER lexicon words, next to the share a random selection would give (the share
+  of such tokens overall);
+- token share: the mean share of response tokens the training loss read, over the training steps.
 
 One model is held at a time; sampling and scoring are sharded over the processes.
 """
@@ -22,11 +26,12 @@ from ..data import TokenizedPair, encode_prompt
 from ..distributed import map_batches
 from ..logprobs import pair_logps
 from ..models import load_causal_lm
+from ..trainer import read_metrics
 from ..sentiment import key_token_mask, sample_responses, vader_reward
 from .data import load_pairs, load_prompts
-from .pipeline import Context
-from .score import load_scored
+from .pipeline import PIPELINES, Context
 from .store import write_jsonl
+from .views import SELECTING, token_views
 
 SAMPLES_PER_PROMPT = 2  # packed as one "pair" per prompt, the layout the log-prob pass takes
 
@@ -82,6 +87,8 @@ def run(ctx: Context) -> dict:
     cfg, run_cfg, device = ctx.config.eval, ctx.config, ctx.accelerator.device
     prompts = load_prompts(ctx)[:cfg.prompts]
     test_pairs = load_pairs(ctx, "test")
+    view_pairs = load_pairs(ctx, "train")[:cfg.token_pairs]
+    has_oracle = "oracle" in PIPELINES[run_cfg.method]
     policy, tokenizer = load_causal_lm(str(ctx.stage_dir("train") / "model"), device=device)
 
     def logps(model, pairs):
@@ -90,33 +97,42 @@ def run(ctx: Context) -> dict:
 
     policy_samples = sample(ctx, policy, tokenizer, prompts)
     policy_on_samples, policy_test = sums(logps(policy, policy_samples)), logps(policy, test_pairs)
+    policy_view = logps(policy, view_pairs)
     del policy  # one model at a time
     initial, _ = load_causal_lm(run_cfg.model, device=device)
     initial_samples = sample(ctx, initial, tokenizer, prompts)
     initial_on_samples, initial_test = sums(logps(initial, policy_samples)), logps(initial, test_pairs)
+    initial_view = logps(initial, view_pairs)
     del initial
-    oracle, _ = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=device)
-    oracle_test = logps(oracle, test_pairs)
-    del oracle
+    if has_oracle:
+        oracle, _ = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=device)
+        oracle_test, oracle_view = logps(oracle, test_pairs), logps(oracle, view_pairs)
+        del oracle
+    views = token_views(ctx, view_pairs, policy_view, initial_view, oracle_view if has_oracle else None)
 
     policy_texts, initial_texts = texts(tokenizer, policy_samples), texts(tokenizer, initial_samples)
     policy_rewards, initial_rewards = vader_reward(policy_texts), vader_reward(initial_texts)
-    scored = load_scored(ctx)
+    shares = [r["token_share"] for r in read_metrics(ctx.stage_dir("train")) if "token_share" in r]
     results = {
+        "method": run_cfg.method,
         "prompts": len(prompts), "samples": len(policy_texts), "test_pairs": len(test_pairs),
         "initial": {"reward": sum(initial_rewards) / len(initial_rewards), "kl": 0.0,
                     "likelihood_accuracy": accuracy(means(initial_test))},
         "policy": {"reward": sum(policy_rewards) / len(policy_rewards),
                    "kl": float((policy_on_samples - initial_on_samples).mean()),
                    "implicit_accuracy": accuracy(sums(policy_test) - sums(initial_test)),
-                   "likelihood_accuracy": accuracy(means(policy_test))},
-        "oracle": {"implicit_accuracy": accuracy(sums(oracle_test) - sums(initial_test))},
-        "selection": {**selection_precision(tokenizer, scored, "chosen"),
-                      **selection_precision(tokenizer, scored, "rejected")},
+                   "likelihood_accuracy": accuracy(means(policy_test)),
+                   "token_share": sum(shares) / len(shares) if shares else None},
     }
+    if has_oracle:
+        results["oracle"] = {"implicit_accuracy": accuracy(sums(oracle_test) - sums(initial_test))}
+    if run_cfg.method in SELECTING:
+        results["selection"] = {**selection_precision(tokenizer, views, "chosen"),
+                                **selection_precision(tokenizer, views, "rejected")}
     if ctx.accelerator.is_main_process:
         out = ctx.stage_dir("eval")
         write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+        write_jsonl(out / "tokens.jsonl", views)
         write_jsonl(out / "samples.jsonl", [
             {"prompt": prompts[k // SAMPLES_PER_PROMPT], "initial": initial_texts[k],
              "initial_reward": initial_rewards[k], "policy": policy_texts[k], "policy_reward": policy_rewards[k]}

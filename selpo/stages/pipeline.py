@@ -68,16 +68,28 @@ class Stage:
 STAGES = (
     Stage("data", needs=(), keys=("model", "data"), help="validate and tokenize the training and held-out pairs"),
     Stage("oracle", needs=("data",), keys=("model", "seed", "oracle"),
-          help="DPO-train a copy of the initial model on a share of the training pairs"),
+          help="DPO-train a copy of the initial model on a share of the training pairs (SePO's oracle, "
+          "Selective-DPO's reference)"),
+    Stage("guidance", needs=("data",), keys=("model", "seed", "guidance"),
+          help="train the token-level guidance model on a share of the training pairs"),
     Stage("score", needs=("data", "oracle"), keys=("score",),
-          help="score every response token with the oracle and select the key tokens"),
-    Stage("train", needs=("data", "score"), keys=("seed", "train"),
-          help="train the policy with SePO's loss on the selected key tokens"),
-    Stage("eval", needs=("data", "oracle", "score", "train"), keys=("seed", "eval"),
+          help="score every response token with the oracle and select the key tokens (SePO)"),
+    Stage("train", needs=("data", "oracle", "guidance", "score"), keys=("seed", "method", "train"),
+          help="train the policy with the run's method"),
+    Stage("eval", needs=("data", "oracle", "guidance", "score", "train"), keys=("seed", "eval"),
           help="sample the initial model and the policy on held-out prompts and compare them"),
-    Stage("report", needs=("data", "oracle", "score", "train", "eval"), keys=("report",),
+    Stage("report", needs=("data", "oracle", "guidance", "score", "train", "eval"), keys=("report",),
           help="write report.html: configuration, results, training curves, token heatmap"),
 )
+
+# The stages each method runs, in order; a stage reads only those of its ``needs`` its method runs.
+PIPELINES = {
+    "sepo": ("data", "oracle", "score", "train", "eval", "report"),
+    "selective_dpo": ("data", "oracle", "train", "eval", "report"),
+    "guidance": ("data", "guidance", "train", "eval", "report"),
+    "dpo": ("data", "train", "eval", "report"),
+    "simpo": ("data", "train", "eval", "report"),
+}
 
 
 class StageError(RuntimeError):
@@ -87,6 +99,11 @@ class StageError(RuntimeError):
 def stages() -> dict[str, Stage]:
     """All stages by name, in pipeline order."""
     return {s.name: s for s in STAGES}
+
+
+def needs(config: RunConfig, name: str) -> tuple[str, ...]:
+    """The stages stage ``name`` reads under ``config``'s method."""
+    return tuple(up for up in stages()[name].needs if up in PIPELINES[config.method])
 
 
 def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
@@ -101,7 +118,7 @@ def fingerprint(config: RunConfig, name: str) -> str:
     """The hash a finished stage ``name`` must carry to count as done under ``config``."""
     stage = stages()[name]
     material = {"config": _config_values(config, stage.keys),
-                "needs": {up: fingerprint(config, up) for up in stage.needs}}
+                "needs": {up: fingerprint(config, up) for up in needs(config, name)}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,7 +147,10 @@ def _why_stale(ctx: Context, name: str) -> str:
 def run_stage(ctx: Context, name: str) -> dict:
     """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary."""
     stage = stages()[name]
-    for up in stage.needs:
+    if name not in PIPELINES[ctx.config.method]:
+        raise StageError(f"stage {name!r} is not part of method {ctx.config.method!r}, which runs "
+                         f"{', '.join(PIPELINES[ctx.config.method])}")
+    for up in needs(ctx.config, name):
         state = status(ctx, up)
         if state != "done":
             reason = "has not run" if state == "missing" else f"is stale: {_why_stale(ctx, up)}"
@@ -155,9 +175,9 @@ def run_stage(ctx: Context, name: str) -> dict:
 
 
 def run_all(ctx: Context) -> dict[str, dict]:
-    """Runs every stage that is not done, in order; returns each stage's DONE record."""
+    """Runs every stage of the method that is not done, in order; returns each stage's DONE record."""
     records = {}
-    for name in stages():
+    for name in PIPELINES[ctx.config.method]:
         state = status(ctx, name)
         if state == "done":
             ctx.print(f"== {name}: done, skipped")

@@ -1,8 +1,8 @@
 """Stage ``report``: ``report.html`` in the run folder, what a person looks at after a run.
 
 It holds the configuration, the data report, the results table, the training curves (``report/curves.png``)
-and a token heatmap of a few training pairs: each response token coloured by its oracle reward (green
-positive, red negative) and the selected key tokens outlined.
+and a token heatmap of a few training pairs: each response token coloured by the method's score or weight
+(green positive, red negative; ``eval/tokens.jsonl``) and the tokens its loss reads outlined.
 """
 
 from __future__ import annotations
@@ -14,25 +14,31 @@ from .. import config as config_module
 from ..atomic import write_text_atomic
 from ..models import load_tokenizer
 from ..trainer import read_metrics
-from .pipeline import Context
-from .score import load_scored
+from .pipeline import PIPELINES, Context
+from .store import read_jsonl
+from .views import LEGENDS
 
 CURVES = ("loss", "accuracy", "margin")
+TRAINED = {"oracle": "oracle (DPO)", "guidance": "reward model (ranking)", "train": "policy"}
+NAMES = {"sepo": "SePO", "selective_dpo": "Selective-DPO", "guidance": "token-level guidance", "dpo": "DPO",
+         "simpo": "SimPO"}
 
 
 def plot_curves(ctx: Context, path) -> None:
-    """Loss, reward accuracy and margin per step of the oracle and the policy, as one PNG."""
+    """Loss, reward accuracy and margin per step of each model the method trains, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), constrained_layout=True)
-    for stage in ("oracle", "train"):
+    method = ctx.config.method
+    for stage in (s for s in TRAINED if s in PIPELINES[method]):
         records = read_metrics(ctx.stage_dir(stage))
+        label = TRAINED[stage] + (f" ({NAMES[method]})" if stage == "train" else "")
         for ax, key in zip(axes, CURVES):
-            ax.plot([r["step"] for r in records], [r[key] for r in records], marker=".",
-                    label="oracle (DPO)" if stage == "oracle" else "policy (SePO)")
+            ax.plot([r["step"] for r in records], [r.get(key, float("nan")) for r in records], marker=".",
+                    label=label)
     for ax, key in zip(axes, CURVES):
         ax.set_xlabel("optimizer step")
         ax.set_title(key)
@@ -44,19 +50,25 @@ def plot_curves(ctx: Context, path) -> None:
 
 def results_table(results: dict) -> list[tuple[str, str, str]]:
     """(metric, initial model, trained policy) rows of the eval results, formatted."""
-    init, policy, sel = results["initial"], results["policy"], results["selection"]
-    return [
+    init, policy = results["initial"], results["policy"]
+    rows = [
         ("reward (mean VADER compound of samples)", f"{init['reward']:+.3f}", f"{policy['reward']:+.3f}"),
         ("KL from the initial model (nats per sample)", f"{init['kl']:.3f}", f"{policy['kl']:.3f}"),
         ("held-out accuracy, implicit reward", "-", f"{policy['implicit_accuracy']:.3f}"),
         ("held-out accuracy, mean log-prob", f"{init['likelihood_accuracy']:.3f}",
          f"{policy['likelihood_accuracy']:.3f}"),
-        ("oracle held-out accuracy, implicit reward", "", f"{results['oracle']['implicit_accuracy']:.3f}"),
-        ("selected chosen tokens at VADER words (random)", "",
-         f"{sel['chosen_precision']:.3f} ({sel['chosen_random_precision']:.3f})"),
-        ("selected rejected tokens at VADER words (random)", "",
-         f"{sel['rejected_precision']:.3f} ({sel['rejected_random_precision']:.3f})"),
     ]
+    if policy.get("token_share") is not None:
+        rows.append(("share of response tokens the loss read", "", f"{policy['token_share']:.3f}"))
+    if "oracle" in results:
+        rows.append(("oracle held-out accuracy, implicit reward", "", f"{results['oracle']['implicit_accuracy']:.3f}"))
+    if "selection" in results:
+        sel = results["selection"]
+        rows += [("selected chosen tokens at VADER words (random)", "",
+                  f"{sel['chosen_precision']:.3f} ({sel['chosen_random_precision']:.3f})"),
+                 ("selected rejected tokens at VADER words (random)", "",
+                  f"{sel['rejected_precision']:.3f} ({sel['rejected_random_precision']:.3f})")]
+    return rows
 
 
 def summary_text(results: dict) -> str:
@@ -114,7 +126,8 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-
 def run(ctx: Context) -> dict:
     results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
     data_report = json.loads((ctx.stage_dir("data") / "report.json").read_text())
-    shown = load_scored(ctx)[:ctx.config.report.pairs]
+    shown = read_jsonl(ctx.stage_dir("eval") / "tokens.jsonl")[:ctx.config.report.pairs]
+    method = ctx.config.method
     out = ctx.run_dir / "report.html"
     if ctx.accelerator.is_main_process:
         plot_curves(ctx, ctx.stage_dir("report") / "curves.png")
@@ -123,14 +136,13 @@ def run(ctx: Context) -> dict:
         name = html.escape(str(ctx.run_dir))
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>selpo run: {name}</title>
 <style>{STYLE}</style></head><body>
-<h1>SePO run <code>{name}</code></h1>
+<h1>{NAMES[method]} run <code>{name}</code></h1>
 <h2>Results</h2>{_table(results_table(results), ("metric", "initial model", "trained policy"))}
 <p>{results['samples']} samples per model on {results['prompts']} held-out prompts;
 {results['test_pairs']} held-out pairs.</p>
 <h2>Training curves</h2><img src="report/curves.png" alt="training curves" style="max-width:100%">
-<h2>Token rewards of the oracle</h2>
-<p>Background: reward log p<sub>oracle</sub> - log p<sub>initial</sub> (green positive, red negative; hover for the
-value). Outlined: the selected key tokens (highest rewards in chosen responses, lowest in rejected ones).</p>
+<h2>Tokens as {NAMES[method]} sees them</h2>
+<p>Background: {LEGENDS[method]} (green positive, red negative; hover for the value).</p>
 {heatmap_html(load_tokenizer(ctx.config.model), shown)}
 <h2>Data</h2>{_table(data_rows, ("split", "source", "rows", "kept", "truncated", "dropped"))}
 <h2>Configuration</h2><pre>{html.escape(config_module.to_toml(ctx.config))}</pre>

@@ -1,0 +1,224 @@
+"""``selpo compare``: the methods side by side, on one task, one data set and one step budget.
+
+Each method runs over a small grid of its strength parameter (``GRID``), every run a normal run folder
+under ``DIR/runs/<method>-<key>=<value>/`` with the same data and the same training settings; the stages
+every run shares with the same configuration (``data``, and ``oracle`` for SePO and Selective-DPO) run once
+in ``DIR/shared/`` and are linked into each run. Finished stages are reused, so a second call (or one with
+a method added) only runs what is missing. The report, ``DIR/compare.html`` with ``frontier.png`` and
+``compare.md``, holds:
+
+- the reward-versus-KL frontier: ground-truth reward of samples against KL from the initial model, one
+  curve per method through its grid points;
+- one table per method: reward, KL, held-out preference accuracy, share of response tokens the loss read,
+  wall time of its training (and of the stages it needs first) and peak memory of its training;
+- the token heatmap of the same training pairs under each method's scores or weights.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+from . import config as config_module
+from .atomic import write_text_atomic
+from .config import METHODS, RunConfig, tomllib
+from .models import load_tokenizer
+from .stages import PIPELINES, Context, run_all
+from .stages.report import NAMES, STYLE, heatmap_html
+from .stages.store import read_jsonl
+from .stages.views import LEGENDS
+
+# The strength each method is compared over: (key, values). The first value is the heatmap's run.
+GRID = {
+    "sepo": ("train.gamma", (1.0, 2.5)),
+    "selective_dpo": ("train.beta", (0.1, 0.5)),
+    "guidance": ("guidance.temperature", (2.0, 0.5)),
+    "dpo": ("train.beta", (0.1, 0.5)),
+    "simpo": ("train.beta", (2.0, 5.0)),
+}
+# The comparison's default size on top of the run defaults: a smaller task than `selpo run`'s, so that
+# ten runs finish in well under an hour on 2 CPU cores (measured: see README).
+DEFAULTS = ("data.max_train_pairs=128", "eval.prompts=24", "eval.token_pairs=16", "guidance.every=8")
+SHARED = ("data", "oracle")  # stages whose configuration is the same in every run
+
+
+def parse_grid(items: list[str]) -> dict[str, tuple[str, tuple[float, ...]]]:
+    """``METHOD=KEY:V1,V2,...`` items over the default GRID."""
+    grid = dict(GRID)
+    for item in items:
+        method, _, rest = item.partition("=")
+        key, _, values = rest.partition(":")
+        if method not in METHODS or not key or not values:
+            raise ValueError(f"--grid takes METHOD=KEY:V1,V2 with METHOD one of {METHODS}, got {item!r}")
+        try:
+            grid[method] = (key, tuple(float(v) for v in values.split(",")))
+        except ValueError:
+            raise ValueError(f"--grid {item!r}: the values must be numbers") from None
+    return grid
+
+
+def run_configs(base: RunConfig, out: Path, methods: list[str], grid) -> list[tuple[str, float, RunConfig]]:
+    """(method, strength, configuration) of every run, checked before any of them starts."""
+    runs = []
+    for method in methods:
+        key, values = grid[method]
+        for value in values:
+            run_dir = out / "runs" / f"{method}-{key}={value:g}"
+            overrides = [f"method={method}", f"{key}={value!r}", f"run_dir={run_dir}"]
+            runs.append((method, value, config_module.apply_overrides(base, overrides)))
+    return runs
+
+
+def link_shared(config: RunConfig, out: Path) -> None:
+    """Points the run's shared stage folders at ``out/shared/<stage>`` (created if missing)."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED:
+        if stage in PIPELINES[config.method]:
+            target = out / "shared" / stage
+            target.mkdir(parents=True, exist_ok=True)
+            link = run_dir / stage
+            if not link.is_symlink():
+                if link.exists():
+                    raise ValueError(f"{link} exists and is not the comparison's shared stage; remove it")
+                link.symlink_to(os.path.relpath(target, run_dir))
+
+
+def _seconds(record: dict) -> float:
+    return float(record.get("seconds", 0.0))
+
+
+def summarize(method: str, value: float, config: RunConfig, records: dict) -> dict:
+    """One row of the comparison from a finished run's stage records."""
+    results = records["eval"]["summary"]
+    policy = results["policy"]
+    before = [s for s in PIPELINES[method] if s not in ("data", "train", "eval", "report")]
+    return {"method": method, "strength": value, "run_dir": config.run_dir,
+            "reward": policy["reward"], "kl": policy["kl"], "initial_reward": results["initial"]["reward"],
+            "implicit_accuracy": policy["implicit_accuracy"], "likelihood_accuracy": policy["likelihood_accuracy"],
+            "token_share": policy.get("token_share"),
+            "train_seconds": _seconds(records["train"]), "prep_seconds": sum(_seconds(records[s]) for s in before),
+            "peak_memory_mib": records["train"]["summary"].get("peak_memory_mib")}
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+    initial = rows[0]["initial_reward"]
+    ax.scatter([0.0], [initial], color="black", marker="*", s=90, label="initial model", zorder=3)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["kl"], r["reward"], r["strength"]) for r in rows if r["method"] == method)
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=NAMES[method])[0]
+        for kl, reward, strength in points:
+            ax.annotate(f"{strength:g}", (kl, reward), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line.get_color())
+    ax.set_xlabel("KL(policy || initial), nats per sample")
+    ax.set_ylabel("reward: mean VADER compound of samples")
+    ax.set_title("reward vs KL (labels: strength)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = ("strength", "reward", "KL", "held-out acc. (implicit)", "held-out acc. (mean log-prob)",
+           "token share", "train s", "prep s", "peak MiB")
+
+
+def table_cells(r: dict, key: str) -> list[str]:
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    return [f"{key}={r['strength']:g}", f"{r['reward']:+.3f}", f"{r['kl']:.3f}", f"{r['implicit_accuracy']:.3f}",
+            f"{r['likelihood_accuracy']:.3f}", num(r["token_share"], ".2f"), f"{r['train_seconds']:.0f}",
+            f"{r['prep_seconds']:.0f}", num(r["peak_memory_mib"], ".0f")]
+
+
+def markdown(rows: list[dict], grid) -> str:
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {NAMES[r['method']]} | " + " | ".join(table_cells(r, grid[r["method"]][0])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], grid, out: Path, pairs: int, meta: str) -> Path:
+    plot_frontier(rows, out / "frontier.png")
+    write_text_atomic(out / "compare.md", markdown(rows, grid))
+    write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
+    tokenizer = None
+    sections = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        key = grid[method][0]
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r, key)) + "</tr>"
+                       for r in mine)
+        sections.append(f"<h3>{NAMES[method]}</h3><table><tr>{head}</tr>{body}</table>")
+    heatmaps = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        first = next(r for r in rows if r["method"] == method)
+        config = config_module.load(Path(first["run_dir"]) / "config.toml")
+        tokenizer = tokenizer or load_tokenizer(config.model)
+        shown = read_jsonl(Path(first["run_dir"]) / "eval" / "tokens.jsonl")[:pairs]
+        heatmaps.append(f"<h3>{NAMES[method]} ({grid[method][0]}={first['strength']:g})</h3>"
+                        f"<p>{LEGENDS[method]}</p>{heatmap_html(tokenizer, shown)}")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>selpo compare</title>
+<style>{STYLE}</style></head><body>
+<h1>Methods compared</h1><p>{html.escape(meta)}</p>
+<h2>Reward against KL</h2><img src="frontier.png" alt="reward vs KL frontier" style="max-width:100%">
+<h2>Results per method</h2>
+<p>Reward: mean VADER compound score of the policy's samples on held-out prompts; KL from the initial model
+per sample; held-out preference accuracy by the implicit reward sum(log p<sub>policy</sub> - log p<sub>initial</sub>)
+and by mean log-prob; token share: mean share of response tokens the training loss read; train s: wall time
+of the training stage; prep s: of the stages the method runs before it (oracle, score, or reward model);
+peak MiB: peak memory of the training stage (resident memory of the process on CPU, allocated tensors on GPU).</p>
+{''.join(sections)}
+<h2>The same training pairs under each method</h2>{''.join(heatmaps)}
+</body></html>
+"""
+    path = out / "compare.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | None = None,
+            grid_items: list[str] = ()) -> tuple[list[dict], Path]:
+    """Runs (or reuses) every run of the comparison and writes its report; returns (rows, report path)."""
+    out = Path(out)
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    grid = parse_grid(list(grid_items))
+    runs = run_configs(base, out, methods, grid)
+    rows = []
+    for method, value, config in runs:
+        if accelerator.is_main_process:
+            link_shared(config, out)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"==== {NAMES[method]}, {grid[method][0]}={value:g}: {config.run_dir}")
+        records = run_all(Context(config, accelerator))
+        rows.append(summarize(method, value, config, records))
+    meta = (f"{len(runs)} runs on the same {base.data.train!r} training pairs "
+            f"(max_train_pairs={base.data.max_train_pairs}), {base.train.epochs} epoch(s) of batch "
+            f"{base.train.batch_size}, model {base.model!r}, seed {base.seed}.")
+    path = write_report(rows, grid, out, base.report.pairs, meta) if accelerator.is_main_process else out / "compare.html"
+    return rows, path
+
+
+def load_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """The run defaults, then the comparison's size (``DEFAULTS``) for every key the TOML file at ``path``
+    and the ``--set`` overrides leave unset, then those."""
+    explicit = {item.partition("=")[0].strip() for item in overrides}
+    if path is not None and Path(path).is_file():
+        data = tomllib.loads(Path(path).read_text())
+        explicit |= {f"{name}.{key}" if isinstance(table, dict) else name
+                     for name, table in data.items() for key in (table if isinstance(table, dict) else [name])}
+    defaults = [d for d in DEFAULTS if d.partition("=")[0] not in explicit]
+    return config_module.load(path, defaults + list(overrides))

@@ -1,0 +1,46 @@
+"""Selective-DPO (arXiv 2507.07725): DPO on the tokens where a strong reference and the current policy
+disagree most, chosen afresh at every step.
+
+Per response, every token is scored from the policy's own log-probs of this forward pass (no second
+forward): ``log p_ref - log p_policy`` in a chosen response, ``log p_policy - log p_ref`` in a rejected
+one; the top ``ratio`` of each response are kept and DPO's loss reads only those, with the reference's
+log-probs on the same tokens. The reference is frozen, so its log-probs are computed once before
+training (``extras["ref_logps"]``, see ``with_reference_logps``). The backward of the log-probs touches
+only the kept tokens (the others get a zero gradient, which ``linear_logprobs`` skips).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import dpo_loss, linear_logprobs, segment_sum, topk_mask
+from ..logprobs import response_states
+
+
+def selection_scores(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N] Selective-DPO's token scores: ref - policy on chosen responses (the first half of the segments),
+    policy - ref on rejected ones. Detached: the selection is not differentiated."""
+    split = int(cu_seqlens[(cu_seqlens.shape[0] - 1) // 2])
+    gap = (ref_logps.float() - logps.detach().float())
+    return torch.cat([gap[:split], -gap[split:]])
+
+
+@dataclass
+class SelectiveDPO:
+    """``-logsigmoid(beta * (sum over kept chosen tokens - over kept rejected tokens of log p - log p_ref))``."""
+
+    beta: float = 0.1
+    ratio: float = 0.4
+    backend: str = "auto"
+
+    def loss(self, model, batch):
+        pairs, ref_logps = batch.pairs, batch.extras["ref_logps"]
+        hidden, weight, bias = response_states(model, pairs)
+        logps = linear_logprobs(hidden, weight, pairs.targets, bias=bias, backend=self.backend)
+        scores = selection_scores(logps, ref_logps, pairs.cu_seqlens)
+        mask = topk_mask(scores, pairs.cu_seqlens, self.ratio, largest=True, backend=self.backend)
+        loss, metrics = dpo_loss(logps, ref_logps, pairs.cu_seqlens, beta=self.beta, mask=mask, backend=self.backend)
+        kept = segment_sum(mask.float(), pairs.cu_seqlens, backend=self.backend)
+        return loss, {**metrics, "selected": kept}
