@@ -147,7 +147,7 @@ def markdown(rows: list[dict], grid) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(rows: list[dict], grid, out: Path, pairs: int, meta: str) -> Path:
+def write_report(rows: list[dict], grid, out: Path, pairs: int, meta: str) -> None:
     plot_frontier(rows, out / "frontier.png")
     write_text_atomic(out / "compare.md", markdown(rows, grid))
     write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
@@ -182,9 +182,7 @@ peak MiB: peak memory of the training stage (resident memory of the process on C
 <h2>The same training pairs under each method</h2>{''.join(heatmaps)}
 </body></html>
 """
-    path = out / "compare.html"
-    write_text_atomic(path, page)
-    return path
+    write_text_atomic(out / "compare.html", page)
 
 
 def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | None = None,
@@ -208,7 +206,9 @@ def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | 
     meta = (f"{len(runs)} runs on the same {base.data.train!r} training pairs "
             f"(max_train_pairs={base.data.max_train_pairs}), {base.train.epochs} epoch(s) of batch "
             f"{base.train.batch_size}, model {base.model!r}, seed {base.seed}.")
-    path = write_report(rows, grid, out, base.report.pairs, meta) if accelerator.is_main_process else out / "compare.html"
+    path = out / "compare.html"
+    if accelerator.is_main_process:
+        write_report(rows, grid, out, base.report.pairs, meta)
     return rows, path
 
 

@@ -273,7 +273,8 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS)):
+        choices = (("method", METHODS), ("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS))
+        for name, allowed in choices:
             _require("", name, getattr(self, name) in allowed, f"must be one of {allowed}, got {getattr(self, name)!r}")
 
 

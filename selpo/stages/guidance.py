@@ -110,7 +110,8 @@ class Alternation:
             tmp = self.folder(r) / "weights.pt.tmp"
             torch.save(weights, tmp)
             tmp.replace(self.folder(r) / "weights.pt")
-            write_text_atomic(self.folder(r) / "DONE.json", json.dumps({"fingerprint": self.key, "rankings": len(rankings)}))
+            write_text_atomic(self.folder(r) / "DONE.json",
+                              json.dumps({"fingerprint": self.key, "rankings": len(rankings)}))
         ctx.accelerator.wait_for_everyone()
         return weights
 
@@ -134,6 +135,6 @@ class Alternation:
                                                [group[k].ids for k in best_first], row=i))
             return ranked
 
-        rankings = map_batches(ctx.accelerator, list(enumerate(chosen)), ctx.config.eval.batch_size, draw)
+        rankings = map_batches(ctx.accelerator, list(enumerate(chosen)), cfg.micro_batch_size, draw)
         policy.train(was_training)
         return rankings
