@@ -52,9 +52,10 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(pairs, extras)
 
 
-def split_packed(values: torch.Tensor, cu_seqlens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The inverse of packing: per pair, its (chosen, rejected) slices of a packed [N] tensor."""
+def split_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, ranks: int = 2) -> list[tuple[torch.Tensor, ...]]:
+    """The inverse of packing: per pair, its (chosen, rejected) slices of a packed [N] tensor; per ranking of
+    ``ranks`` responses, its ``ranks`` slices, best first."""
     cu = cu_seqlens.tolist()
-    num_pairs = (len(cu) - 1) // 2
+    groups = (len(cu) - 1) // ranks
     pieces = [values[cu[s]:cu[s + 1]] for s in range(len(cu) - 1)]
-    return [(pieces[i], pieces[num_pairs + i]) for i in range(num_pairs)]
+    return [tuple(pieces[k * groups + g] for k in range(ranks)) for g in range(groups)]

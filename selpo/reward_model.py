@@ -11,9 +11,9 @@ import torch
 
 from accelerate import Accelerator
 
-from .data import PairBatch, TokenizedPair, collate_pairs
+from .data import PairBatch, TokenizedPair, TokenizedRanking
 from .distributed import map_batches
-from .examples import split_packed
+from .examples import Example, collate, split_packed
 from .models import attention_implementation, load_tokenizer, resolve_model_path
 
 
@@ -45,15 +45,16 @@ def token_rewards(model, pairs: PairBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_rewards(accelerator: Accelerator, model, pairs: list[TokenizedPair], *,
-                 batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per pair, float32 CPU (chosen, rejected) token rewards, under the accelerator's autocast, sharded."""
+def pair_rewards(accelerator: Accelerator, model, pairs: list[TokenizedPair | TokenizedRanking], *,
+                 batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per pair, float32 CPU (chosen, rejected) token rewards (per ranking, one tensor per response), under
+    the accelerator's autocast, sharded over the processes."""
     model.eval()
 
-    def rewards(chunk: list[TokenizedPair]):
-        batch = collate_pairs(chunk, model.config.pad_token_id).to(accelerator.device)
+    def rewards(chunk: list):
+        batch = collate([Example(p) for p in chunk], model.config.pad_token_id).pairs.to(accelerator.device)
         with accelerator.autocast():
             values = token_rewards(model, batch)
-        return split_packed(values.cpu(), batch.cu_seqlens.cpu())
+        return split_packed(values.cpu(), batch.cu_seqlens.cpu(), len(chunk[0].responses))
 
     return map_batches(accelerator, pairs, batch_size, rewards)

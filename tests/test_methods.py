@@ -17,6 +17,7 @@ from selpo.methods import (RewardWeightedLikelihood, SelectiveDPO, SimPO, TokenR
                            selection_scores)
 from selpo.models import load_causal_lm, tiny_model_dir
 from selpo.reward_model import load_reward_model, token_rewards
+from selpo.stages.guidance import chosen_responses
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import write_pairs  # noqa: E402
@@ -101,19 +102,22 @@ def test_reward_weights_by_hand():
     assert reward_weights(torch.tensor([0.5])).tolist() == [1.0]
 
 
-def test_reward_weighted_likelihood_reads_only_the_chosen_responses(tiny):
+def test_reward_weighted_likelihood_trains_on_the_chosen_responses_alone(tiny):
     model_dir, tokenizer, pairs = tiny
     model, _ = load_causal_lm(model_dir)
     generator = torch.Generator().manual_seed(5)
-    examples = [Example(p, {"weights": (reward_weights(torch.rand(len(p.chosen_ids), generator=generator) + 0.01),
-                                        torch.zeros(len(p.rejected_ids)))}) for p in pairs[:3]]
+    chosen = chosen_responses(pairs[:3])
+    assert [c.responses for c in chosen] == [[p.chosen_ids] for p in pairs[:3]]
+    examples = [Example(c, {"weights": (reward_weights(torch.rand(len(c.responses[0]), generator=generator) + 0.01),)})
+                for c in chosen]
     batch = collate(examples, tokenizer.pad_token_id)
+    assert batch.pairs.input_ids.shape[0] == 3  # no rejected response goes through the model
     loss, metrics = RewardWeightedLikelihood(backend="torch").loss(model, batch)
     cu = batch.pairs.cu_seqlens.tolist()
     nll = [-(w.double() * lp).sum() for w, lp in zip(segments(batch.extras["weights"], cu),
                                                       segments(full_logit_logps(model, batch.pairs), cu))]
-    assert abs(loss.item() - (sum(nll[:3]) / 3).item()) < 1e-5  # the mean over the chosen responses
-    assert metrics["selected"].tolist() == [len(p.chosen_ids) for p in pairs[:3]] + [0, 0, 0]
+    assert abs(loss.item() - (sum(nll) / 3).item()) < 1e-5  # the mean over the chosen responses
+    assert metrics["selected"].tolist() == [len(p.chosen_ids) for p in pairs[:3]]
 
 
 def test_token_rewards_are_read_at_each_token_in_zero_one(tiny):
@@ -190,9 +194,11 @@ def test_rankings_pack_rank_by_rank_with_their_extras():
 
 def test_rankings_of_different_sizes_are_refused():
     rankings = [TokenizedRanking([1], [[2], [3]], row=0), TokenizedRanking([1], [[2], [3], [4]], row=1)]
-    with pytest.raises(ValueError, match="rankings must all hold the same number K >= 2"):
+    with pytest.raises(ValueError, match="rankings must all hold the same number K >= 1"):
         collate([Example(k) for k in rankings], 0)
-    with pytest.raises(ValueError, match="rankings must all hold the same number K >= 2"):
-        collate([Example(TokenizedRanking([1], [[2]], row=0))], 0)
+    with pytest.raises(ValueError, match="rankings must all hold the same number K >= 1"):
+        collate([Example(TokenizedRanking([1], [], row=0))], 0)
+    single = collate([Example(TokenizedRanking([1], [[2, 3]], row=0))], 0).pairs  # a ranking of one
+    assert single.targets.tolist() == [2, 3] and single.cu_seqlens.tolist() == [0, 2]
     with pytest.raises(ValueError, match="row 3 has an empty prompt or response"):
         collate([Example(TokenizedRanking([1], [[2], []], row=3))], 0)

@@ -47,10 +47,10 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> PairBatch:
 
 
 def collate_ranked(rankings: list[TokenizedRanking], pad_id: int) -> PairBatch:
-    """Packs rankings of the same size K >= 2 rank by rank (layout in ``PairBatch``)."""
+    """Packs rankings of the same size K >= 1 rank by rank (layout in ``PairBatch``)."""
     sizes = {len(getattr(r, "responses", ())) for r in rankings} if isinstance(rankings, (list, tuple)) else set()
-    if len(sizes) > 1 or sizes & {0, 1}:
-        raise ValueError(f"rankings must all hold the same number K >= 2 of responses, got sizes {sorted(sizes)}")
+    if len(sizes) > 1 or 0 in sizes:
+        raise ValueError(f"rankings must all hold the same number K >= 1 of responses, got sizes {sorted(sizes)}")
     return _collate(rankings, pad_id, TokenizedRanking, "rankings")
 
 

@@ -50,8 +50,8 @@ class TokenizedPair:
 
 @dataclass
 class TokenizedRanking:
-    """K >= 2 responses to one prompt, best first (e.g. samples ranked by the task's reward); ``row``
-    identifies the prompt."""
+    """K responses to one prompt, best first (e.g. samples ranked by the task's reward; K = 1: just the
+    preferred response, for likelihood training); ``row`` identifies the prompt."""
 
     prompt_ids: list[int]
     responses: list[list[int]]

@@ -3,8 +3,9 @@
 - ``TokenRewardRanking`` trains the reward model (``selpo.reward_model``): the token rewards of each
   sequence are aggregated into one score, and the scores of K ranked sequences get a Plackett-Luce loss
   (Bradley-Terry for a preference pair).
-- ``RewardWeightedLikelihood`` trains the language model on the preferred responses, each token weighted
-  by its reward normalised over its response (``extras["weights"]``, see ``reward_weights``).
+- ``RewardWeightedLikelihood`` trains the language model on the preferred responses (batches of them
+  alone, as rankings of one), each token weighted by its reward normalised over its response
+  (``extras["weights"]``, see ``reward_weights``).
 """
 
 from __future__ import annotations
@@ -41,21 +42,15 @@ class TokenRewardRanking:
 
 @dataclass
 class RewardWeightedLikelihood:
-    """``-sum_t w_t log p(y_t)`` over each chosen response, averaged over the chosen responses.
-
-    The rejected responses carry weight 0, so the fused op never projects their tokens.
-    """
+    """``-sum_t w_t log p(y_t)`` over each response of the batch, averaged over the responses."""
 
     backend: str = "auto"
 
     def loss(self, model, batch):
         pairs = batch.pairs
         hidden, weight, bias = response_states(model, pairs)
-        loss, metrics = linear_selective_loss(hidden, weight, pairs.targets, pairs.cu_seqlens, loss="weighted_nll",
-                                              weights=batch.extras["weights"], bias=bias, backend=self.backend)
-        # weighted_nll averages over all 2P responses, the P rejected ones adding 0: twice that is the mean
-        # over the chosen responses, the quantity the method minimises.
-        return 2 * loss, metrics
+        return linear_selective_loss(hidden, weight, pairs.targets, pairs.cu_seqlens, loss="weighted_nll",
+                                     weights=batch.extras["weights"], bias=bias, backend=self.backend)
 
 
 @torch.no_grad()

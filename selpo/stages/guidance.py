@@ -47,17 +47,24 @@ def run(ctx: Context) -> dict:
     return {"pairs": len(chosen), **read_metrics(out)[-1]}
 
 
-def weighted_examples(ctx: Context, reward_model, pairs: list[TokenizedPair]) -> list[Example]:
-    """The pairs with ``extras["weights"]``: w_t = r_t / sum r over each chosen response, 0 on rejected ones."""
-    rewards = pair_rewards(ctx.accelerator, reward_model, pairs, batch_size=ctx.config.guidance.micro_batch_size)
-    return [Example(p, {"weights": (reward_weights(c), torch.zeros_like(r))}) for p, (c, r) in zip(pairs, rewards)]
+def chosen_responses(pairs: list[TokenizedPair]) -> list[TokenizedRanking]:
+    """The preferred response of each pair as a ranking of one: the weighted likelihood trains on nothing
+    else, so the rejected responses are not even run through the policy."""
+    return [TokenizedRanking(p.prompt_ids, [p.chosen_ids], row=p.row) for p in pairs]
+
+
+def weighted_examples(ctx: Context, reward_model, responses: list[TokenizedRanking]) -> list[Example]:
+    """The responses with ``extras["weights"]``: w_t = r_t / sum r over each one."""
+    rewards = pair_rewards(ctx.accelerator, reward_model, responses, batch_size=ctx.config.guidance.micro_batch_size)
+    return [Example(c, {"weights": (reward_weights(r),)}) for c, (r,) in zip(responses, rewards)]
 
 
 class Alternation:
     """The ``before_step`` hook of the policy's training: before step r * every (1 <= r <= rounds) it
     retrains the reward model on the policy's ranked samples and replaces the examples' weights in place.
 
-    Round 0 is the ``guidance`` stage's model; ``examples`` must hold its weights when training starts.
+    Round 0 is the ``guidance`` stage's model; ``examples`` (``weighted_examples``) must hold its weights
+    when training starts.
     """
 
     def __init__(self, ctx: Context, tokenizer, examples: list[Example]):

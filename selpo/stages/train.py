@@ -15,7 +15,7 @@ from ..models import load_causal_lm, load_tokenizer
 from ..reward_model import load_reward_model
 from ..trainer import read_metrics, train
 from .data import load_pairs
-from .guidance import Alternation, weighted_examples
+from .guidance import Alternation, chosen_responses, weighted_examples
 from .pipeline import Context, fingerprint
 from .score import load_scored, selected_examples
 
@@ -52,7 +52,7 @@ def prepare(ctx: Context, policy, tokenizer):
         return SelectiveDPO(beta=cfg.beta_for(name), ratio=cfg.selective_ratio, backend=backend), examples, None
     if name == "guidance":
         reward_model, _ = load_reward_model(str(ctx.stage_dir("guidance") / "model"), device=ctx.accelerator.device)
-        examples = weighted_examples(ctx, reward_model, load_pairs(ctx, "train"))
+        examples = weighted_examples(ctx, reward_model, chosen_responses(load_pairs(ctx, "train")))
         del reward_model
         return RewardWeightedLikelihood(backend=backend), examples, Alternation(ctx, tokenizer, examples)
     raise ValueError(f"method: unknown method {name!r}")
