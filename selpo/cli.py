@@ -15,7 +15,8 @@ from pathlib import Path
 from . import config as config_module
 from .stages import Context, StageError, clear_stage, run_all, run_stage, stages
 
-CONFIG_HELP = "TOML file with run-wide keys at the top and [data], [oracle], [score], [train], [eval], [report] tables"
+CONFIG_HELP = ("TOML file with run-wide keys at the top and [data], [oracle], [guidance], [score], [train], [eval], "
+               "[report] tables")
 SET_HELP = "override one key, e.g. --set train.lr=1e-6 --set seed=1 (repeatable; see `selpo config --keys`)"
 
 

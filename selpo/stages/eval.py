@@ -26,8 +26,8 @@ from ..data import TokenizedPair, encode_prompt
 from ..distributed import map_batches
 from ..logprobs import pair_logps
 from ..models import load_causal_lm
-from ..trainer import read_metrics
 from ..sentiment import key_token_mask, sample_responses, vader_reward
+from ..trainer import read_metrics
 from .data import load_pairs, load_prompts
 from .pipeline import PIPELINES, Context
 from .store import write_jsonl
