@@ -36,7 +36,7 @@ def reference_examples(ctx: Context, reference, tokenizer) -> list[Example]:
 
 def prepare(ctx: Context, policy, tokenizer):
     """(method, examples, before_step hook or None) for the run's method."""
-    cfg, run_cfg, backend, name = ctx.config.train, ctx.config, ctx.config.backend, ctx.config.method
+    cfg, backend, name = ctx.config.train, ctx.config.backend, ctx.config.method
     if name == "sepo":
         method = SePO(gamma=cfg.gamma, margin=cfg.margin_for(name), backend=backend)
         return method, selected_examples(load_scored(ctx)), None
