@@ -44,5 +44,8 @@ def bench(request):
         raise pytest.UsageError("--bench-records is required (run the suite with python -m benchmarks.run)")
     budget = option("--bench-budget-gib")
     device = option("--bench-device")
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise pytest.UsageError("TRITON_INTERPRET is set: every Triton kernel would run in the interpreter, "
+                                "so the GPU timings would mean nothing")
     return SimpleNamespace(records=option("--bench-records"), device=device,
                            budget=budget * 2**30 if budget else default_budget(device))

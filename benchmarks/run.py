@@ -56,41 +56,55 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="folder of the report (default: benchmarks/, or benchmarks/quick/ with --quick)")
     parser.add_argument("--cases", default="", help="run only the cases whose id contains one of these (comma-separated)")
     parser.add_argument("--impls", default="", help="run only these implementation keys (comma-separated)")
+    parser.add_argument("--from-records", action="store_true",
+                        help="run nothing: write the report from the records already in the output folder "
+                             "(those of a run that was stopped, say)")
     parser.add_argument("--budget-gib", type=float, help="memory one implementation may need (default: 60%% of RAM, "
                                                          "85%% of GPU memory); those needing more are n/a")
     args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     plan = get_plan("quick" if args.quick else "full", args.device)
     out = os.path.abspath(args.out or os.path.join(REPO, "benchmarks", "quick" if args.quick else ""))
     os.makedirs(out, exist_ok=True)
     records = os.path.join(out, f"results-{args.device}.jsonl")
+    if args.from_records:
+        return write_report(records, args, plan, out, runtime="not known (report written from the records)")
     if os.path.exists(records):
         os.remove(records)
+    # Every option is one "--name=value" word: pytest reads its command line before the suite's options are
+    # known, and a separate value would count as a path. An empty one ("") is the repository root, whose
+    # tests/conftest.py would then be loaded and switch Triton to its interpreter.
     command = [sys.executable, "-m", "pytest", os.path.join("benchmarks", "bench_suite.py"), "-p", "no:cacheprovider",
-               "-q", "--bench-plan", plan.name, "--bench-device", args.device, "--bench-records", records,
-               "--bench-cases", args.cases, "--bench-impls", args.impls, "--benchmark-sort=fullname",
+               "-q", f"--bench-plan={plan.name}", f"--bench-device={args.device}", f"--bench-records={records}",
+               f"--bench-cases={args.cases}", f"--bench-impls={args.impls}", "--benchmark-sort=fullname",
                "--benchmark-columns=min,median,iqr,rounds"]
     if args.budget_gib:
-        command += ["--bench-budget-gib", str(args.budget_gib)]
+        command.append(f"--bench-budget-gib={args.budget_gib}")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # timings of Triton's interpreter would mean nothing
     started = time.perf_counter()
     code = subprocess.call(command, cwd=REPO, env=env)
     elapsed = time.perf_counter() - started
+    return write_report(records, args, plan, out, runtime=f"{elapsed / 60:.1f} min") or code
+
+
+def write_report(records: str, args, plan, out: str, runtime: str) -> int:
+    """Writes the report of ``records``; 1 (and writes nothing) when there is no record."""
     if not os.path.exists(records):
-        print(f"no record was written (pytest exit code {code})", file=sys.stderr)
-        return code or 1
+        print(f"no record was written ({records} is missing)", file=sys.stderr)
+        return 1
     meta = {
         "device": describe_device(args.device),
         "versions": ", ".join(f"{p} {version(p)}" for p in PACKAGES) + f", Python {platform.python_version()}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "suite runtime": f"{elapsed / 60:.1f} min",
+        "command": "python -m benchmarks.run " + " ".join(args.argv),
+        "suite runtime": runtime,
     }
     for path in report.write(read_records(records), meta, plan, out):
         print(f"wrote {path}")
-    return code
+    return 0
 
 
 if __name__ == "__main__":

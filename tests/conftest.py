@@ -3,16 +3,24 @@
 TRITON_INTERPRET must be set before any @triton.jit function is defined, hence here, before selpo is
 imported. Tests pass ``backend=`` explicitly; tests/test_compile.py checks real GPU compilation in a
 subprocess without the interpreter.
+
+``SELPO_TEST_DEVICE=cuda pytest tests/test_<op>.py`` runs the same tests on a GPU instead: tensors are
+made there by default and Triton compiles the kernels rather than interpreting them (README, "Tests").
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("SELPO_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Nothing is ever fetched from a model hub: every model the tests use is built here or shipped in a package.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if DEVICE != "cpu":
+    torch.set_default_device(DEVICE)
 
 # The backends each op is tested on, against the naive reference in float64.
 BACKENDS = ["torch", "triton"]
