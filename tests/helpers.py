@@ -13,3 +13,14 @@ def cu_seqlens(lengths, device=None):
     if lengths:
         out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     return out
+
+
+def only_tile(monkeypatch, tile, *kernels):
+    """Makes the autotuned Triton ``kernels`` run with ``tile`` alone: the interpreter has no timings to tune
+    on, so each tile the GPU may pick is tested this way."""
+    import triton
+
+    config = triton.Config({k: v for k, v in tile.items() if k.startswith("BLOCK_")}, num_warps=tile["num_warps"],
+                           num_stages=tile["num_stages"])
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "configs", [config])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import BACKENDS
-from helpers import TOL
+from helpers import TOL, only_tile
 
 from selpo.kernels import linear_logprobs
 from selpo.kernels.linear_logprobs import chunked, triton_kernels
@@ -72,21 +72,39 @@ def test_matches_reference(backend, dtype, size, options):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("options", [{}, {"bias": True, "softcap": 2.0, "temperature": 0.8}])
-def test_many_chunks_and_blocks(backend, options, monkeypatch):
+def test_many_chunks_and_blocks(backend, dtype, options, monkeypatch):
     """Several row groups and vocabulary blocks of the torch path; several row blocks, vocabulary splits and
-    backward chunks of the Triton path."""
+    backward vocabulary slices of the Triton path (whose hidden gradient is then summed over the slices)."""
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # vocabulary blocks of 128 columns: 3 blocks for V = 300
     monkeypatch.setattr(chunked, "ROW_GROUP", 64)
-    monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)  # one row block (128 rows) per backward chunk
+    monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)  # backward slices of SPAN_MULTIPLE (256) columns
     options = dict(options)
-    hidden, weight, bias, targets = make_inputs(400, 20, 300, torch.float32, bias=options.pop("bias", False))
-    grad = torch.randn(400, dtype=torch.float64)  # 300 rows kept: 3 backward chunks on Triton
+    hidden, weight, bias, targets = make_inputs(400, 20, 300, dtype, bias=options.pop("bias", False))
+    grad = torch.randn(400, dtype=torch.float64)  # V = 300: 2 backward slices on Triton, the second partial
     got = run(hidden, weight, bias, targets, grad, backend, **options)
     want = reference(hidden, weight, bias, targets, grad, **options)
     for name, g, w in zip(("logp", "grad_hidden", "grad_weight", "grad_bias"), got, want):
         if w is not None:
-            assert_close(g, w, torch.float32, name)
+            assert_close(g, w, dtype, name)
+
+
+@pytest.mark.parametrize("tile", triton_kernels.TILES[1:], ids=lambda t: "{BLOCK_N}x{BLOCK_V}x{BLOCK_D}".format(**t))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"bias": True, "softcap": 2.0, "temperature": 0.8}])
+def test_every_tuned_tile(tile, dtype, options, monkeypatch):
+    """The tiles other than the default one (which every other test runs): forward splits, backward slices."""
+    only_tile(monkeypatch, tile, triton_kernels._forward_kernel, triton_kernels._grad_logits_kernel)
+    monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)
+    options = dict(options)
+    hidden, weight, bias, targets = make_inputs(150, 72, 700, dtype, bias=options.pop("bias", False))
+    grad = torch.randn(150, dtype=torch.float64)
+    got = run(hidden, weight, bias, targets, grad, "triton", **options)
+    want = reference(hidden, weight, bias, targets, grad, **options)
+    for name, g, w in zip(("logp", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+        if w is not None:
+            assert_close(g, w, dtype, name)
 
 
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.6, "softcap": 2.5}])

@@ -31,8 +31,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Returns:
         [N] float32 log-probabilities (float64 for float64 inputs), differentiable w.r.t. hidden,
-        weight and bias. Memory is O(chunk x V) on the torch path and O(N) on Triton: only the N
-        log-sum-exps are saved, and the backward recomputes logits only for rows with non-zero gradient.
+        weight and bias. Memory is O(chunk x V) on the torch path. On Triton only the N log-sum-exps are
+        saved; the backward recomputes logits only for rows with non-zero gradient, a vocabulary slice at a
+        time, so its buffers (a slice of dL/dlogits of about 256 MiB, and [N, D]) do not grow with V.
     """
     checks.check_float("hidden", hidden, 2)
     checks.check_float("weight", weight, 2)

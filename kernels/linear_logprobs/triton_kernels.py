@@ -13,6 +13,24 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 
+# The tiles the matmul kernels (here and in token_scores) are autotuned over, on the GPU that runs them, once
+# per head shape and dtype. Each compiles for sm_80 and sm_90 with pipelined loads and no register spills
+# (tests/compile_report.py, checked by tests/test_compile.py). The first is the tile measured on an H100
+# (benchmarks/GPU-NOTES.md); Triton's interpreter runs it alone, as it has no timings to tune on.
+TILES = [dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+         dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=4),
+         dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3)]
+# Vocabulary spans and slices are multiples of every tile's BLOCK_V.
+SPAN_MULTIPLE = max(t["BLOCK_V"] for t in TILES)
+# The kernels' options that select their code, part of every tuning key (with the dtypes of the tensors).
+FLAGS = ["HAS_BIAS", "HAS_SOFTCAP", "IEEE", "DOT_FP32"]
+
+
+def tile_configs() -> list:
+    tiles = TILES[:1] if triton_interpreted() else TILES
+    return [triton.Config({k: v for k, v in t.items() if k.startswith("BLOCK_")}, num_warps=t["num_warps"],
+                          num_stages=t["num_stages"]) for t in tiles]
+
 
 @triton.jit
 def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_h, stride_w,
@@ -74,6 +92,7 @@ def row_logprobs(h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, V, D, stride_h, stride_
     return x_t - lse, lse
 
 
+@triton.autotune(configs=tile_configs(), key=["V", "D", *FLAGS])
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr, n_rows, V, D, stride_h, stride_w,
                     temperature, softcap, span,
@@ -97,18 +116,20 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr, n_rows, V,
     tl.store(out + 2 * plane, s, mask=ok)
 
 
+@triton.autotune(configs=tile_configs(), key=["D", *FLAGS])
 @triton.jit
-def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, dz_ptr, n_rows, V, D,
+def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, dz_ptr, n_rows, v_start, v_end, D,
                         stride_h, stride_w, temperature, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One [rows, vocab] tile of dL/dz = g/T * (onehot - softmax) * dsoftcap, recomputed from h and W and
-    written into the chunk buffer dz [n_rows, V] (row i of dz is hidden row rows[i])."""
+    """One [rows, vocab] tile of dL/dz = g/T * (onehot - softmax) * dsoftcap over the vocabulary slice
+    [v_start, v_end), recomputed from h and W and written into the slice buffer dz [n_rows, v_end - v_start]
+    (row i of dz is hidden row rows[i], column j is vocabulary entry v_start + j)."""
     i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = i < n_rows
     rows = tl.load(rows_ptr + i, mask=ok, other=0)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
+    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
     tgt = tl.load(tgt_ptr + rows, mask=ok, other=0)
     g = tl.load(g_ptr + rows, mask=ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=ok, other=0.0)
@@ -119,15 +140,11 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, g_ptr, lse_ptr, 
         tanh = x * temperature / softcap
         dz = dz * (1.0 - tanh * tanh)
     dz = dz * (g / temperature)[:, None]
-    out = dz_ptr + i[:, None].to(tl.int64) * V + cols[None, :]
+    out = dz_ptr + i[:, None].to(tl.int64) * (v_end - v_start) + (cols - v_start)[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=ok[:, None] & col_ok[None, :])
 
 
-# Chosen from the compile report (tests/compile_report.py): with 8 warps and a 32-wide D step the
-# [128, 128] fp32 logits tile stays in registers (no stack spills) on sm_80 and sm_90.
-FORWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
-BACKWARD_BLOCKS = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
-# The backward's gradient-of-logits buffer: about this many bytes per chunk of rows.
+# The backward's gradient-of-logits buffer: about this many bytes per vocabulary slice.
 GRAD_CHUNK_BYTES = 1 << 28
 # The forward splits the vocabulary until there are about this many programs per streaming multiprocessor
 # (few rows, e.g. the selected tokens of a small batch, would otherwise leave most of the GPU idle).
@@ -157,9 +174,8 @@ def vocab_span(row_blocks: int, vocab: int, device: torch.device) -> int:
         target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = INTERPRETER_PROGRAMS
-    block = FORWARD_BLOCKS["BLOCK_V"]
-    splits = max(1, min(triton.cdiv(vocab, block), triton.cdiv(target, row_blocks)))
-    return triton.cdiv(triton.cdiv(vocab, splits), block) * block
+    splits = max(1, min(triton.cdiv(vocab, SPAN_MULTIPLE), triton.cdiv(target, row_blocks)))
+    return triton.cdiv(triton.cdiv(vocab, splits), SPAN_MULTIPLE) * SPAN_MULTIPLE
 
 
 def forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp, lse):
@@ -167,16 +183,14 @@ def forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp
     n_rows = rows.numel()
     if n_rows == 0:
         return
-    blocks = FORWARD_BLOCKS
     v = weight.shape[0]
-    row_blocks = triton.cdiv(n_rows, blocks["BLOCK_N"])
-    span = vocab_span(row_blocks, v, hidden.device)
+    span = vocab_span(triton.cdiv(n_rows, TILES[0]["BLOCK_N"]), v, hidden.device)
     splits = triton.cdiv(v, span)
     part = torch.full((3, splits, n_rows), float("nan"), dtype=torch.float32, device=hidden.device)  # poisoned
-    _forward_kernel[(row_blocks, splits)](
+    _forward_kernel[lambda tile: (triton.cdiv(n_rows, tile["BLOCK_N"]), splits)](
         hidden, weight, bias if bias is not None else weight, targets, rows, part,
         n_rows, v, weight.shape[1], hidden.stride(0), weight.stride(0), float(temperature), float(softcap or 1.0),
-        span, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype), **blocks)
+        span, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(hidden.dtype))
     x_t, m, s = part
     # Combine the splits: lse = M + log(sum_k s_k exp(m_k - M)); a nan in any split stays nan.
     top = m.amax(dim=0)
@@ -187,42 +201,52 @@ def forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp
 
 
 def backward(grad_logp, hidden, weight, targets, rows, lse, bias, temperature, softcap, need_hidden, need_weight, need_bias):
-    """Gradients from the rows in ``rows``, a chunk at a time: a kernel writes the chunk's dL/dlogits
-    (recomputing its logits tile by tile), then two GEMMs take it to dL/dhidden and dL/dweight.
+    """Gradients from the rows in ``rows``, a vocabulary slice at a time: a kernel writes dL/dlogits of every
+    row over the slice (recomputing its logits tile by tile), then GEMMs take it to the slice's rows of
+    dL/dweight, written once, and to its share of dL/dhidden, summed over the slices in fp32.
 
-    Adding both gradients straight from each tile with atomics would cost O(N V D / block) atomic adds;
-    the chunk buffer ([chunk, V] in the input dtype, GRAD_CHUNK_BYTES) lets the vendor GEMMs do it instead.
+    Slicing the vocabulary, not the rows, keeps the workspace flat in V (the slice buffer, about
+    GRAD_CHUNK_BYTES, and [rows, D] buffers) and gives the weight-gradient GEMM all rows as its inner dimension.
+    Adding both gradients straight from each tile with atomics would cost O(N V D / block) atomic adds instead.
     """
-    v = weight.shape[0]
+    v, d = weight.shape
     dtype = hidden.dtype
-    acc = torch.float32
+    n = rows.numel()
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    # fp32 weights accumulate in place; half ones in an fp32 buffer, widened chunk by chunk.
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(v, dtype=acc, device=weight.device) if need_bias else None
-    step = max(BACKWARD_BLOCKS["BLOCK_N"], GRAD_CHUNK_BYTES // (v * hidden.element_size()))
-    dot_dtype = torch.float32 if dot_fp32(dtype) else dtype
-    # Poisoned: an element the kernel fails to write turns the gradient into nan.
-    dz_all = torch.full((min(step, rows.numel()), v), float("nan"), dtype=dot_dtype, device=hidden.device)
-    w = weight.to(dot_dtype)
-    for idx in rows.split(step):
-        dz = dz_all[:idx.numel()]
-        blocks = BACKWARD_BLOCKS
-        grid = (triton.cdiv(idx.numel(), blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
-        _grad_logits_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, targets, idx, grad_logp, lse, dz,
-            idx.numel(), v, weight.shape[1], hidden.stride(0), weight.stride(0), float(temperature),
-            float(softcap or 1.0), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            **precision_flags(dtype), **blocks)
-        h = hidden.index_select(0, idx).to(dot_dtype)
-        if need_hidden:
-            grad_hidden.index_copy_(0, idx, (dz @ w).to(dtype))
-        if need_weight:
-            if dot_dtype == acc:
-                grad_weight.addmm_(dz.T, h)
-            else:
-                grad_weight += (dz.T @ h).to(acc)
-        if need_bias:
-            grad_bias += dz.sum(0, dtype=acc)
-    return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype))
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_bias else None
+    if n > 0:
+        dot_dtype = torch.float32 if dot_fp32(dtype) else dtype
+        step = SPAN_MULTIPLE
+        span = min(v, max(step, GRAD_CHUNK_BYTES // (n * hidden.element_size()) // step * step))
+        # Poisoned: an element the kernel fails to write turns the gradient into nan.
+        dz_flat = torch.full((n * span,), float("nan"), dtype=dot_dtype, device=hidden.device)
+        h = hidden.index_select(0, rows).to(dot_dtype)
+        slices = range(0, v, span)
+        # One slice: its product is the hidden gradient; several: their products are summed in fp32.
+        acc_h = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden and len(slices) > 1 else None
+        for v0 in slices:
+            v1 = min(v0 + span, v)
+            dz = dz_flat[:n * (v1 - v0)].view(n, v1 - v0)
+            _grad_logits_kernel[lambda tile: (triton.cdiv(n, tile["BLOCK_N"]), triton.cdiv(v1 - v0, tile["BLOCK_V"]))](
+                hidden, weight, bias if bias is not None else weight, targets, rows, grad_logp, lse, dz,
+                n, v0, v1, d, hidden.stride(0), weight.stride(0), float(temperature), float(softcap or 1.0),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, **precision_flags(dtype))
+            if need_weight:
+                if dot_dtype == weight.dtype:
+                    torch.mm(dz.T, h, out=grad_weight[v0:v1])
+                else:
+                    grad_weight[v0:v1] = dz.T @ h
+            if need_hidden:
+                w = weight[v0:v1].to(dot_dtype)
+                if acc_h is None:
+                    grad_hidden.index_copy_(0, rows, (dz @ w).to(dtype))
+                elif dot_dtype == torch.float32:
+                    acc_h.addmm_(dz, w)
+                else:
+                    acc_h += dz @ w
+            if need_bias:
+                grad_bias[v0:v1] = dz.sum(0, dtype=torch.float32)
+        if acc_h is not None:
+            grad_hidden.index_copy_(0, rows, acc_h.to(dtype))
+    return grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype)

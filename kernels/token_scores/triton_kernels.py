@@ -3,9 +3,10 @@
 import triton
 import triton.language as tl
 
-from ..linear_logprobs.triton_kernels import FORWARD_BLOCKS, precision_flags, row_logprobs
+from ..linear_logprobs.triton_kernels import precision_flags, row_logprobs, tile_configs
 
 
+@triton.autotune(configs=tile_configs(), key=["V", "DA", "DB", "IEEE", "DOT_FP32"])
 @triton.jit
 def _token_scores_kernel(ha_ptr, wa_ptr, hb_ptr, wb_ptr, tgt_ptr, rows_ptr, out_ptr, n_rows, V, DA, DB,
                          stride_ha, stride_wa, stride_hb, stride_wb,
@@ -26,9 +27,7 @@ def token_scores_into(hidden_a, weight_a, hidden_b, weight_b, targets, rows, out
     n_rows = rows.numel()
     if n_rows == 0:
         return
-    blocks = FORWARD_BLOCKS
-    grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]),)
-    _token_scores_kernel[grid](
+    _token_scores_kernel[lambda tile: (triton.cdiv(n_rows, tile["BLOCK_N"]),)](
         hidden_a, weight_a, hidden_b, weight_b, targets, rows, out, n_rows, weight_a.shape[0],
         weight_a.shape[1], weight_b.shape[1], hidden_a.stride(0), weight_a.stride(0), hidden_b.stride(0),
-        weight_b.stride(0), **precision_flags(hidden_a.dtype), **blocks)
+        weight_b.stride(0), **precision_flags(hidden_a.dtype))
