@@ -1,5 +1,6 @@
 """Triton kernels of linear_logprobs: a streaming forward (online log-sum-exp over vocabulary blocks) and a
-tiled backward that recomputes each [rows, vocab] tile once and adds both gradients from it.
+backward that, one vocabulary slice at a time, recomputes the logits tiles into dL/dlogits, which two GEMMs
+turn into the gradients.
 
 Rows are addressed through an index vector, so callers pass only the rows that matter (targets not
 ignored in the forward, non-zero upstream gradient in the backward) and the rest cost nothing.
@@ -27,6 +28,7 @@ FLAGS = ["HAS_BIAS", "HAS_SOFTCAP", "IEEE", "DOT_FP32"]
 
 
 def tile_configs() -> list:
+    """The autotuner's configs: every tile on a GPU, the first alone under the interpreter."""
     tiles = TILES[:1] if triton_interpreted() else TILES
     return [triton.Config({k: v for k, v in t.items() if k.startswith("BLOCK_")}, num_warps=t["num_warps"],
                           num_stages=t["num_stages"]) for t in tiles]
@@ -169,7 +171,7 @@ def precision_flags(dtype: torch.dtype) -> dict:
 
 
 def vocab_span(row_blocks: int, vocab: int, device: torch.device) -> int:
-    """Columns per vocabulary split (a multiple of BLOCK_V): as few splits as fill the device."""
+    """Columns per vocabulary split (a multiple of SPAN_MULTIPLE): as few splits as fill the device."""
     if device.type == "cuda":
         target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
