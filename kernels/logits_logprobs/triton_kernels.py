@@ -10,7 +10,6 @@ Logits are addressed as a contiguous [N, V] tensor with int64 row offsets (N x V
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
