@@ -18,9 +18,7 @@ def cu_seqlens(lengths, device=None):
 def only_tile(monkeypatch, tile, *kernels):
     """Makes the autotuned Triton ``kernels`` run with ``tile`` alone: the interpreter has no timings to tune
     on, so each tile the GPU may pick is tested this way."""
-    import triton
+    from selpo.kernels.linear_logprobs.triton_kernels import tile_config
 
-    config = triton.Config({k: v for k, v in tile.items() if k.startswith("BLOCK_")}, num_warps=tile["num_warps"],
-                           num_stages=tile["num_stages"])
     for kernel in kernels:
-        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "configs", [tile_config(tile)])

@@ -27,11 +27,14 @@ SPAN_MULTIPLE = max(t["BLOCK_V"] for t in TILES)
 FLAGS = ["HAS_BIAS", "HAS_SOFTCAP", "IEEE", "DOT_FP32"]
 
 
+def tile_config(tile: dict) -> triton.Config:
+    return triton.Config({k: v for k, v in tile.items() if k.startswith("BLOCK_")}, num_warps=tile["num_warps"],
+                         num_stages=tile["num_stages"])
+
+
 def tile_configs() -> list:
     """The autotuner's configs: every tile on a GPU, the first alone under the interpreter."""
-    tiles = TILES[:1] if triton_interpreted() else TILES
-    return [triton.Config({k: v for k, v in t.items() if k.startswith("BLOCK_")}, num_warps=t["num_warps"],
-                          num_stages=t["num_stages"]) for t in tiles]
+    return [tile_config(t) for t in (TILES[:1] if triton_interpreted() else TILES)]
 
 
 @triton.jit
@@ -216,14 +219,14 @@ def backward(grad_logp, hidden, weight, targets, rows, lse, bias, temperature, s
     n = rows.numel()
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_bias else None
+    grad_bias = torch.zeros_like(bias) if need_bias else None
     if n > 0:
         dot_dtype = torch.float32 if dot_fp32(dtype) else dtype
-        step = SPAN_MULTIPLE
-        span = min(v, max(step, GRAD_CHUNK_BYTES // (n * hidden.element_size()) // step * step))
+        span = GRAD_CHUNK_BYTES // (n * hidden.element_size()) // SPAN_MULTIPLE * SPAN_MULTIPLE
+        span = min(v, max(SPAN_MULTIPLE, span))
         # Poisoned: an element the kernel fails to write turns the gradient into nan.
         dz_flat = torch.full((n * span,), float("nan"), dtype=dot_dtype, device=hidden.device)
-        h = hidden.index_select(0, rows).to(dot_dtype)
+        h = hidden.index_select(0, rows).to(dot_dtype) if need_weight else None
         slices = range(0, v, span)
         # One slice: its product is the hidden gradient; several: their products are summed in fp32.
         acc_h = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden and len(slices) > 1 else None
@@ -251,4 +254,4 @@ def backward(grad_logp, hidden, weight, targets, rows, lse, bias, temperature, s
                 grad_bias[v0:v1] = dz.sum(0, dtype=torch.float32)
         if acc_h is not None:
             grad_hidden.index_copy_(0, rows, acc_h.to(dtype))
-    return grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
