@@ -45,10 +45,10 @@ def check_targets(targets: torch.Tensor, n: int, vocab: int, ignore_index: int) 
     check_length("targets", targets, n)
     if n == 0:
         return
-    kept = targets[targets != ignore_index]
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
-        bad = kept[(kept < 0) | (kept >= vocab)][0].item()
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bad.any():  # one host synchronisation
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found {targets[bad][0].item()}")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> int:
@@ -59,12 +59,14 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> int:
         raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must have shape [S+1] with S >= 0, got {tuple(cu_seqlens.shape)}")
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    # One host synchronisation for the three facts.
+    first, last, decreasing = torch.stack([cu_seqlens[0], cu_seqlens[-1],
+                                           (cu_seqlens[1:] < cu_seqlens[:-1]).any().to(torch.int32)]).tolist()
     if first != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {first}")
     if last != n:
         raise ValueError(f"cu_seqlens must end at N={n}, got {last}")
-    if cu_seqlens.shape[0] > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+    if decreasing:
         raise ValueError("cu_seqlens must be non-decreasing")
     return cu_seqlens.shape[0] - 1
 

@@ -1,9 +1,10 @@
 """Compiles every Triton kernel of selpo for NVIDIA GPUs with no GPU present, and reports what it built.
 
-For each kernel, target (sm_80, sm_90) and block sizes (every tile the matmul kernels are autotuned over):
-shared memory, registers and stack bytes, where spills go (from cuobjdump), whether the PTX multiplies on tensor
-cores (mma.sync on sm_80, wgmma on sm_90) and whether its loads are pipelined (cp.async). Run as a script without TRITON_INTERPRET (tests/test_compile.py does); prints JSON,
-or a markdown table with --markdown.
+selpo's GEMMs run in cuBLAS; its Triton kernels are the memory-bound passes. For each kernel and target
+(sm_80, sm_90): shared memory, registers and stack bytes (spills live there, from cuobjdump), whether its
+global loads are 16-byte vectors (``ld.global...v4``) and how many of its programs fit on one SM at once
+(by registers and shared memory). Run as a script without TRITON_INTERPRET (tests/test_compile.py does);
+prints JSON, or a markdown table with --markdown.
 """
 
 import json
@@ -18,54 +19,37 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from selpo.kernels.linear_logprobs import triton_kernels as linear
 from selpo.kernels.logits_logprobs import triton_kernels as logits_lp
 from selpo.kernels.segment_sum import triton_kernels as segment
-from selpo.kernels.token_scores import triton_kernels as scores
+from selpo.kernels.streaming import passes_triton as passes
 from selpo.kernels.topk_mask import triton_kernels as topk
 
 TARGETS = [("sm_80", GPUTarget("cuda", 80, 32)), ("sm_90", GPUTarget("cuda", 90, 32))]
-
-
-def _head_args(dtype):
-    return {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}"}
-
-
-def _linear_consts(blocks, **flags):
-    consts = dict(HAS_BIAS=False, HAS_SOFTCAP=False, IEEE=False, DOT_FP32=False, **flags)
-    consts.update({k: v for k, v in blocks.items() if k.startswith("BLOCK")})
-    return consts
-
-
-def _options(blocks):
-    return {k: v for k, v in blocks.items() if k.startswith("num_")}
-
-
-def tile_name(tile):
-    return "{BLOCK_N}x{BLOCK_V}x{BLOCK_D} w{num_warps} s{num_stages}".format(**tile)
+# Registers and shared memory of one SM (the same on A100 and H100), and its most resident blocks.
+SM_REGISTERS = 65536
+SM_SHARED = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
+SM_BLOCKS = 32
 
 
 def kernel_specs():
-    """(name, jit function, signature, constexprs, compile options, uses tensor cores); the matmul kernels
-    once per tile they are autotuned over."""
+    """(name, jit function, signature, constexprs, compile options, streams a logits tile)."""
     specs = []
-    for dtype, tile in ((dtype, tile) for dtype in ("bf16", "fp16") for tile in linear.TILES):
-        fwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "part_ptr": "*fp32",
-               "n_rows": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
-               "temperature": "fp32", "softcap": "fp32", "span": "i32"}
-        specs.append((f"linear_logprobs.forward[{dtype}] {tile_name(tile)}", linear._forward_kernel.fn, fwd,
-                      _linear_consts(tile), _options(tile), True))
-        bwd = {**_head_args(dtype), "tgt_ptr": "*i64", "rows_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32",
-               "dz_ptr": f"*{dtype}", "n_rows": "i32", "v_start": "i32", "v_end": "i32", "D": "i32", "stride_h": "i32",
-               "stride_w": "i32", "temperature": "fp32", "softcap": "fp32"}
-        specs.append((f"linear_logprobs.grad_logits[{dtype}] {tile_name(tile)}", linear._grad_logits_kernel.fn, bwd,
-                      _linear_consts(tile), _options(tile), True))
-        ts = {"ha_ptr": f"*{dtype}", "wa_ptr": f"*{dtype}", "hb_ptr": f"*{dtype}", "wb_ptr": f"*{dtype}",
-              "tgt_ptr": "*i64", "rows_ptr": "*i64", "out_ptr": "*fp32", "n_rows": "i32", "V": "i32", "DA": "i32",
-              "DB": "i32", "stride_ha": "i32", "stride_wa": "i32", "stride_hb": "i32", "stride_wb": "i32"}
-        ts_consts = {k: v for k, v in _linear_consts(tile).items() if k not in ("HAS_BIAS", "HAS_SOFTCAP")}
-        specs.append((f"token_scores[{dtype}] {tile_name(tile)}", scores._token_scores_kernel.fn, ts, ts_consts,
-                      _options(tile), True))
+    flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True)
+    warps = {"num_warps": passes.NUM_WARPS}
+    for dtype in ("bf16", "fp16", "fp32"):
+        specs.append((f"streaming.merge_lse[{dtype}]", passes._merge_lse_kernel,
+                      {"x_ptr": f"*{dtype}", "ld": "i32", "W": "i32", "b_ptr": f"*{dtype}", "m_ptr": "*fp32",
+                       "s_ptr": "*fp32", "temperature": "fp32", "softcap": "fp32"},
+                      {**flags, "BLOCK_V": passes.BLOCK_V}, warps, True))
+        specs.append((f"streaming.grad_logits[{dtype}]", passes._grad_logits_kernel,
+                      {"x_ptr": f"*{dtype}", "ld": "i32", "W": "i32", "v0": "i32", "b_ptr": f"*{dtype}",
+                       "tgt_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32", "temperature": "fp32",
+                       "softcap": "fp32"}, {**flags, "BLOCK_V": passes.BLOCK_V}, warps, True))
+        specs.append((f"streaming.target_logits[{dtype}]", passes._target_logits_kernel,
+                      {"h_ptr": f"*{dtype}", "rows_ptr": "*i64", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+                       "tgt_ptr": "*i64", "out_ptr": "*fp32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+                       "temperature": "fp32", "softcap": "fp32"}, {**flags, "BLOCK_D": passes.BLOCK_D}, warps,
+                      True))
     cfg = logits_lp.launch_config(151936)
     for dtype in ("fp32", "bf16"):
         common = {"tgt_ptr": "*i64", "lse_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "temperature": "fp32"}
@@ -101,10 +85,10 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 # Integer arguments that are multiples of 16 for the inputs the kernels see in practice (hidden sizes, row
-# strides, vocabulary spans). With no GPU, nothing tells the compiler what the JIT learns from real arguments
+# strides and slice widths of the logits buffer, whose slices are multiples of 128 columns but the last). With no GPU, nothing tells the compiler what the JIT learns from real arguments
 # (16-byte-aligned pointers, these multiples of 16); without the hints it cannot prove alignment, and it would
 # report narrow loads that are never pipelined, unlike the kernels that run.
-ALIGNED_INTS = {"D", "DA", "DB", "stride_h", "stride_w", "stride_ha", "stride_wa", "stride_hb", "stride_wb", "span"}
+ALIGNED_INTS = {"D", "stride_h", "stride_w", "ld", "W"}
 
 
 def alignment_hints(signature: dict) -> dict:
@@ -113,26 +97,36 @@ def alignment_hints(signature: dict) -> dict:
             if kind.startswith("*") or name in ALIGNED_INTS}
 
 
+def programs_per_sm(arch: str, registers: int, shared: int, warps: int) -> int:
+    """Programs of a kernel resident on one SM at once, as its registers and shared memory allow."""
+    by_registers = SM_REGISTERS // max(1, registers * 32 * warps)
+    by_shared = SM_SHARED[arch] // shared if shared else SM_BLOCKS
+    return min(by_registers, by_shared, SM_BLOCKS)
+
+
 def report():
     rows = []
-    for name, fn, sig, consts, options, tensor_cores in kernel_specs():
+    for name, fn, sig, consts, options, streams in kernel_specs():
         for arch, target in TARGETS:
             source = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=alignment_hints(sig))
             compiled = triton.compile(source, target=target, options=options)
             ptx = compiled.asm["ptx"]
+            usage = resource_usage(compiled.asm["cubin"])
             rows.append({"kernel": name, "arch": arch, "shared_bytes": compiled.metadata.shared,
-                         "mma": "mma.sync" in ptx, "wgmma": "wgmma.mma_async" in ptx, "async_copies": "cp.async" in ptx,
-                         "expects_tensor_cores": tensor_cores, **resource_usage(compiled.asm["cubin"]), **options})
+                         "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v4\.", ptx)),
+                         "programs_per_sm": programs_per_sm(arch, usage["registers"], compiled.metadata.shared,
+                                                            options["num_warps"]),
+                         "streams_logits": streams, **usage, **options})
     return rows
 
 
 def markdown(rows):
-    lines = ["| kernel | arch | warps | shared (B) | registers | stack (B) | mma.sync | wgmma | cp.async |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | warps | shared (B) | registers | stack (B) | 16-byte loads | programs / SM |",
+             "|---|---|---|---|---|---|---|---|"]
     yes = {True: "yes", False: "no"}
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['shared_bytes']} | {r['registers']} "
-                     f"| {r['stack_bytes']} | {yes[r['mma']]} | {yes[r['wgmma']]} | {yes[r['async_copies']]} |")
+                     f"| {r['stack_bytes']} | {yes[r['vector_loads']]} | {r['programs_per_sm']} |")
     return "\n".join(lines)
 
 

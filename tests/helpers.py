@@ -13,12 +13,3 @@ def cu_seqlens(lengths, device=None):
     if lengths:
         out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     return out
-
-
-def only_tile(monkeypatch, tile, *kernels):
-    """Makes the autotuned Triton ``kernels`` run with ``tile`` alone: the interpreter has no timings to tune
-    on, so each tile the GPU may pick is tested this way."""
-    from selpo.kernels.linear_logprobs.triton_kernels import tile_config
-
-    for kernel in kernels:
-        monkeypatch.setattr(kernel, "configs", [tile_config(tile)])

@@ -1,5 +1,6 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 with no GPU; the matmul kernels, at every tile they are
-autotuned over, use tensor cores, pipeline their loads and do not spill registers."""
+"""Every Triton kernel compiles for sm_80 and sm_90 with no GPU. The passes that stream logits tiles (the
+memory-bound half of the hot path, beside cuBLAS's GEMMs) do not spill, load 16 bytes at a time and fit at
+least two programs on each SM, so they can run at memory bandwidth."""
 
 import json
 import os
@@ -21,10 +22,7 @@ def test_kernels_compile_for_ampere_and_hopper():
         print(r)
         assert r["registers"] is not None, r
         assert r["shared_bytes"] <= 227 * 1024, r
-        if r["expects_tensor_cores"]:
+        if r["streams_logits"]:
             assert r["stack_bytes"] == 0, f"{r['kernel']} spills registers on {r['arch']}"
-            assert r["async_copies"], f"{r['kernel']} does not pipeline its loads (no cp.async) on {r['arch']}"
-            if r["arch"] == "sm_80":
-                assert r["mma"], f"{r['kernel']} has no mma.sync on sm_80"
-            else:
-                assert r["wgmma"], f"{r['kernel']} has no wgmma on sm_90"
+            assert r["vector_loads"], f"{r['kernel']} has no 16-byte loads on {r['arch']}"
+            assert r["programs_per_sm"] >= 2, f"{r['kernel']}: {r['programs_per_sm']} program(s) per SM on {r['arch']}"

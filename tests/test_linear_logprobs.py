@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import BACKENDS
-from helpers import TOL, only_tile
+from helpers import TOL
 
-from selpo.kernels import linear_logprobs
-from selpo.kernels.linear_logprobs import chunked, triton_kernels
+from selpo.kernels import ledger, linear_logprobs
+from selpo.kernels.streaming import plan
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D, V): N = 0 and 1, D not a power of two, V not a multiple of the vocabulary block (128).
@@ -74,33 +74,20 @@ def test_matches_reference(backend, dtype, size, options):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("options", [{}, {"bias": True, "softcap": 2.0, "temperature": 0.8}])
-def test_many_chunks_and_blocks(backend, dtype, options, monkeypatch):
-    """Several row groups and vocabulary blocks of the torch path; several row blocks, vocabulary splits and
-    backward vocabulary slices of the Triton path (whose hidden gradient is then summed over the slices)."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # vocabulary blocks of 128 columns: 3 blocks for V = 300
-    monkeypatch.setattr(chunked, "ROW_GROUP", 64)
-    monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)  # backward slices of SPAN_MULTIPLE (256) columns
+@pytest.mark.parametrize("subset", [True, False], ids=["row-subset", "all-rows"])
+def test_many_chunks_and_slices(backend, dtype, options, subset, monkeypatch):
+    """A small logits buffer: the forward takes two row chunks of three vocabulary slices (the last partial);
+    the backward groups its rows (dL/dweight added over the groups) and slices the vocabulary (dL/dhidden
+    summed over the slices). With ignored targets the rows are gathered; without, hidden is read in place."""
+    monkeypatch.setattr(plan, "BUFFER_BYTES", {"cpu": 8192 * 4, "cuda": 8192 * 4})
     options = dict(options)
     hidden, weight, bias, targets = make_inputs(400, 20, 300, dtype, bias=options.pop("bias", False))
-    grad = torch.randn(400, dtype=torch.float64)  # V = 300: 2 backward slices on Triton, the second partial
-    got = run(hidden, weight, bias, targets, grad, backend, **options)
-    want = reference(hidden, weight, bias, targets, grad, **options)
-    for name, g, w in zip(("logp", "grad_hidden", "grad_weight", "grad_bias"), got, want):
-        if w is not None:
-            assert_close(g, w, dtype, name)
-
-
-@pytest.mark.parametrize("tile", triton_kernels.TILES[1:], ids=lambda t: "{BLOCK_N}x{BLOCK_V}x{BLOCK_D}".format(**t))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("options", [{}, {"bias": True, "softcap": 2.0, "temperature": 0.8}])
-def test_every_tuned_tile(tile, dtype, options, monkeypatch):
-    """The tiles other than the default one (which every other test runs): forward splits, backward slices."""
-    only_tile(monkeypatch, tile, triton_kernels._forward_kernel, triton_kernels._grad_logits_kernel)
-    monkeypatch.setattr(triton_kernels, "GRAD_CHUNK_BYTES", 1)
-    options = dict(options)
-    hidden, weight, bias, targets = make_inputs(150, 72, 700, dtype, bias=options.pop("bias", False))
-    grad = torch.randn(150, dtype=torch.float64)
-    got = run(hidden, weight, bias, targets, grad, "triton", **options)
+    if not subset:
+        targets = torch.randint(0, 300, (400,))
+    grad = torch.randn(400, dtype=torch.float64)
+    with ledger.counting() as book:
+        got = run(hidden, weight, bias, targets, grad, backend, **options)
+    assert len(book.gemms()) > 12 and any(e.extra_bytes for e in book.gemms())
     want = reference(hidden, weight, bias, targets, grad, **options)
     for name, g, w in zip(("logp", "grad_hidden", "grad_weight", "grad_bias"), got, want):
         if w is not None:
@@ -162,24 +149,20 @@ def test_triton_rejects_float64():
         linear_logprobs(hidden, weight, targets, backend="triton")
 
 
-def test_backward_recomputes_only_rows_with_gradient(monkeypatch):
-    """With a 30% token mask in the loss, the torch backward projects 30% of the rows: its cost scales."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_recomputes_only_rows_with_gradient(backend):
+    """With a 30% token mask in the loss, the backward's three GEMMs cover 30% of the rows: its cost scales."""
     hidden, weight, _, targets = make_inputs(40, 6, 30, torch.float32)
     targets[:] = 1
-    projected = []
-    original = chunked.Head.logits_of
-
-    def counting(self, h_rows, start, out):
-        projected.append(out.numel() / self.weight.shape[0])  # rows x block width, in whole rows
-        return original(self, h_rows, start, out)
-
     h = hidden.clone().requires_grad_()
-    logp = linear_logprobs(h, weight, targets, backend="torch")
-    monkeypatch.setattr(chunked.Head, "logits_of", counting)
+    w = weight.clone().requires_grad_()
+    logp = linear_logprobs(h, w, targets, backend=backend)
     mask = torch.zeros(40, dtype=torch.bool)
     mask[::3] = True  # 14 of 40 rows
-    (logp * mask).sum().backward()
-    assert sum(projected) == 14
+    with ledger.counting() as book:
+        (logp * mask).sum().backward()
+    assert [e.name for e in book.gemms()] == ["logits", "grad_weight", "grad_hidden"]
+    assert book.flops == 3 * 2 * 14 * 30 * 6
     assert torch.all(h.grad[~mask] == 0) and torch.all(h.grad[mask].abs().sum(1) > 0)
 
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from selpo.kernels.linear_logprobs import chunked as linear_chunked
 from selpo.kernels.logits_logprobs import chunked, logprobs_from_logits, triton_kernels
 
 # Triton's interpreter runs on numpy, which warns on log(0) (the lse of an ignored row, discarded) and inf - inf.
@@ -32,7 +31,7 @@ def grad_rtol(dtype):
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """The torch path walks over several chunks of rows even at test sizes (8 rows per chunk)."""
-    monkeypatch.setattr(linear_chunked, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)
 
 
 def make_inputs(n, v, dtype):

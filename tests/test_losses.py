@@ -308,7 +308,7 @@ def test_empty_selection_raises_before_any_sum(loss, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("segment_sum ran before the inputs were checked")
 
-    monkeypatch.setattr(common, "segment_sum", refuse)
+    monkeypatch.setattr(common, "segment_sum_unchecked", refuse)
     logps, mask, cu = torch.zeros(4), torch.tensor([1, 1, 1, 0], dtype=torch.bool), cu_seqlens([1, 1, 1, 1])
     with pytest.raises(ValueError, match="mask selects no token of segment 3"):
         sepo_loss(logps, mask, cu) if loss == "sepo" else simpo_loss(logps, cu, mask=mask)

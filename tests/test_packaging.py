@@ -32,7 +32,7 @@ def test_wheel_maps_kernels_under_selpo(tmp_path):
                     str(tmp_path), REPO], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("selpo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "selpo/kernels/linear_logprobs/triton_kernels.py" in names
+    assert "selpo/kernels/streaming/passes_triton.py" in names and "selpo/kernels/ledger.py" in names
     assert "selpo/kernels/topk_mask/__init__.py" in names
     assert "selpo/default_data/train.jsonl" in names and "selpo/default_data/test.jsonl" in names
     assert not [n for n in names if n.startswith("kernels/")]

@@ -338,7 +338,7 @@ def test_empty_segment_raises_before_any_sum(aggregation, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("segment_sum ran before the inputs were checked")
 
-    monkeypatch.setattr(common, "segment_sum", refuse)
-    monkeypatch.setattr(ranking, "segment_sum", refuse)
+    monkeypatch.setattr(common, "segment_sum_unchecked", refuse)
+    monkeypatch.setattr(ranking, "segment_sum_unchecked", refuse)
     with pytest.raises(ValueError, match="cu_seqlens: segment 3 is empty"):
         sequence_scores(torch.rand(3), cu_seqlens([1, 1, 1, 0]), aggregation=aggregation)

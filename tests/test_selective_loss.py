@@ -6,7 +6,8 @@ from conftest import BACKENDS
 from helpers import TOL, cu_seqlens
 
 from selpo.kernels import linear_selective_loss
-from selpo.kernels.linear_logprobs import chunked
+from selpo.kernels import ledger
+from selpo.kernels.streaming import plan
 
 LOSSES = [("sepo", {"gamma": 1.7, "margin": 0.2}), ("dpo", {"beta": 0.3}), ("simpo", {"beta": 2.0, "gamma": 0.4}),
           ("weighted_nll", {})]
@@ -69,25 +70,27 @@ def test_mask_and_upstream_gradient(backend):
         assert (g - w).abs().max().item() <= tol * max(1.0, w.abs().max().item())
 
 
-def test_fused_path_projects_only_selected_tokens_once(monkeypatch):
-    """The torch path computes the logits of each selected token exactly once, chunk by chunk of pairs."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)  # 8 rows per chunk: pairs of 8+ selected rows get their own
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_path_projects_only_selected_tokens_once(backend, monkeypatch):
+    """Three GEMMs per chunk of whole pairs, over its selected tokens only: the logits of each selected token
+    are computed exactly once, and the backward adds no GEMM."""
+    v = 50
+    monkeypatch.setattr(plan, "BUFFER_BYTES", {"cpu": 8 * v * 4, "cuda": 8 * v * 4})  # 8 rows per chunk
     lengths = [40, 12, 7, 20, 33, 9, 16, 18]
-    hidden, weight, targets, cu, extra = make_batch(lengths, ignored=())
-    projected = []
-    original = chunked.Head.logits_of
-
-    def counting(self, h_rows, start, out):
-        projected.append(out.numel() / self.weight.shape[0])  # rows x block width, in whole rows
-        return original(self, h_rows, start, out)
-
-    monkeypatch.setattr(chunked.Head, "logits_of", counting)
+    hidden, weight, targets, cu, _ = make_batch(lengths, v=v, ignored=())
+    hidden, weight = hidden.float(), weight.float()
     scores = torch.randn(hidden.shape[0])
     h = hidden.clone().requires_grad_()
-    value, metrics = linear_selective_loss(h, weight, targets, cu, scores=scores, ratio=0.3, backend="torch")
-    value.backward()
-    assert sum(projected) == int(metrics["selected"].sum()) == sum(max(1, int(0.3 * n)) for n in lengths)
-    assert len(projected) > 1
+    w = weight.clone().requires_grad_()
+    with ledger.counting() as book:
+        value, metrics = linear_selective_loss(h, w, targets, cu, scores=scores, ratio=0.3, backend=backend)
+    with ledger.counting() as backward_book:
+        value.backward()
+    selected = sum(max(1, int(0.3 * n)) for n in lengths)
+    logits = [e for e in book.gemms() if e.name == "logits"]
+    assert int(metrics["selected"].sum()) == selected and len(logits) > 1
+    assert sum(e.flops for e in logits) == 2 * selected * v * hidden.shape[1]
+    assert book.flops == 3 * 2 * selected * v * hidden.shape[1] and not backward_book.entries
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

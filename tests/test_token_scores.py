@@ -3,11 +3,9 @@
 import pytest
 import torch
 from conftest import BACKENDS
-from helpers import TOL, only_tile
+from helpers import TOL
 
 from selpo.kernels import token_scores
-from selpo.kernels.linear_logprobs.triton_kernels import TILES
-from selpo.kernels.token_scores import triton_kernels
 
 
 def reference(ha, wa, hb, wb, targets):
@@ -32,18 +30,6 @@ def test_matches_reference(backend, dtype, n, da, db, v):
     if n:
         assert (got.double() - want).abs().max().item() <= 2 * TOL[dtype] * max(1.0, want.abs().max().item())
     assert torch.all(got[targets == -100] == 0)
-
-
-@pytest.mark.parametrize("tile", TILES[1:], ids=lambda t: "{BLOCK_N}x{BLOCK_V}x{BLOCK_D}".format(**t))
-def test_every_tuned_tile(tile, monkeypatch):
-    """The tiles other than the default one, which the autotuner may pick on a GPU."""
-    only_tile(monkeypatch, tile, triton_kernels._token_scores_kernel)
-    ha, hb = torch.randn(150, 72).to(torch.bfloat16), torch.randn(150, 40).to(torch.bfloat16)
-    wa, wb = (torch.randn(700, 72) * 0.3).to(torch.bfloat16), (torch.randn(700, 40) * 0.3).to(torch.bfloat16)
-    targets = torch.randint(0, 700, (150,))
-    got = token_scores(ha, wa, hb, wb, targets, backend="triton")
-    want = reference(ha, wa, hb, wb, targets)
-    assert (got.double() - want).abs().max().item() <= 2 * TOL[torch.bfloat16] * max(1.0, want.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

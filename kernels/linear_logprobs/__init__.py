@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks
+from .. import checks, ledger
 from ..backend import resolve_backend
-from ..poison import poisoned_unless
-from . import chunked
+from ..dtypes import acc_dtype
+from ..streaming.logprobs import row_grads, row_logprobs
+from ..streaming.passes import Passes
 from .naive import linear_logprobs_naive
 
 
@@ -31,9 +32,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Returns:
         [N] float32 log-probabilities (float64 for float64 inputs), differentiable w.r.t. hidden,
-        weight and bias. Memory is O(chunk x V) on the torch path. On Triton only the N log-sum-exps are
-        saved; the backward recomputes logits only for rows with non-zero gradient, a vocabulary slice at a
-        time, so its buffers (a slice of dL/dlogits of about 256 MiB, and [N, D]) do not grow with V.
+        weight and bias. The logits are GEMM tiles in one reused buffer (``selpo.kernels.streaming``), so the
+        workspace does not grow with V; only the N log-sum-exps are saved, and the backward recomputes logits
+        only for rows with a non-zero gradient: four GEMMs over the rows in all.
     """
     checks.check_float("hidden", hidden, 2)
     checks.check_float("weight", weight, 2)
@@ -59,42 +60,50 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return LinearLogprobs.apply(hidden, weight, targets, bias, ignore_index, float(temperature), softcap, which)
 
 
+def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with its last dimension contiguous (what the GEMMs and kernels need), copied only if it is not."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 class LinearLogprobs(torch.autograd.Function):
+    """Saves the inputs and the N log-sum-exps; the backward recomputes logits only for rows with gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, which):
-        hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-        if which == "triton":
-            from . import triton_kernels
-
-            keep = targets != ignore_index
-            # Poisoned: a row the kernel fails to write stays nan and fails the tests.
-            logp = poisoned_unless(keep)
-            lse = poisoned_unless(keep)
-            rows = torch.nonzero(keep).squeeze(1)
-            triton_kernels.forward_into(hidden, weight, targets, rows, bias, temperature, softcap, logp, lse)
-        else:
-            logp, lse = chunked.forward(hidden, weight, targets, bias, ignore_index, temperature, softcap)
+        hidden, weight, bias, targets = unit_stride(hidden), unit_stride(weight), unit_stride(bias), targets.contiguous()
+        acc = acc_dtype(hidden.dtype)
+        rows = torch.nonzero(targets != ignore_index).squeeze(1)  # the call's one host synchronisation
+        logp = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.zeros_like(logp)
+        passes = Passes(which, temperature, softcap)
+        logp[rows], lse[rows] = row_logprobs(passes, hidden, weight, bias, rows, targets.index_select(0, rows))
         ctx.save_for_backward(hidden, weight, targets, bias, lse)
-        ctx.options = (ignore_index, temperature, softcap, which)
+        ctx.options = (ignore_index, passes)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, bias, lse = ctx.saved_tensors
-        ignore_index, temperature, softcap, which = ctx.options
+        ignore_index, passes = ctx.options
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
-        if which == "triton":
-            from . import triton_kernels
-
-            g = grad_logp.float().contiguous()
-            rows = torch.nonzero((g != 0) & (targets != ignore_index)).squeeze(1)
-            grads = triton_kernels.backward(g, hidden, weight, targets, rows, lse, bias, temperature, softcap,
-                                            need_h, need_w, need_b)
-        else:
-            grads = chunked.backward(grad_logp, hidden, weight, targets, lse, bias, ignore_index, temperature,
-                                     softcap, need_h, need_w, need_b)
+        g = grad_logp.to(lse.dtype)
+        # Only rows that carry gradient are recomputed: a loss over 30% of the tokens costs ~30% of a full backward.
+        rows = torch.nonzero((g != 0) & (targets != ignore_index)).squeeze(1)
+        grads = gradient_buffers(hidden, weight, bias, rows.numel() > 0, need_h, need_w, need_b)
+        row_grads(passes, g.index_select(0, rows), hidden, weight, bias, rows, targets.index_select(0, rows),
+                  lse.index_select(0, rows), grads)
         grad_hidden, grad_weight, grad_bias = grads
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None
+
+
+def gradient_buffers(hidden, weight, bias, any_row, need_hidden, need_weight, need_bias):
+    """(grad_hidden zeroed, grad_weight, grad_bias) in the inputs' dtypes, None where not needed. The [V]-shaped
+    ones are written whole by the backward when it has a row, so they are zeroed only when it has none."""
+    def alloc(t, needed, fill):
+        return ledger.workspace(t.shape, t.dtype, t.device, fill=fill, output=True) if needed else None
+
+    return (alloc(hidden, need_hidden, 0.0), alloc(weight, need_weight, None if any_row else 0.0),
+            alloc(bias, need_bias, None if any_row else 0.0))
 
 
 __all__ = ["linear_logprobs", "linear_logprobs_naive", "LinearLogprobs"]

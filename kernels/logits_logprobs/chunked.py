@@ -13,12 +13,27 @@ from __future__ import annotations
 
 import torch
 
-from ..linear_logprobs.chunked import chunk_rows, logsumexp_
+from ..dtypes import acc_dtype
+
+# Logits held at once in the math buffer (32 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 23
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The math dtype: float64 for float64 logits, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def chunk_rows(vocab: int) -> int:
+    """Rows of a chunk of whole-vocabulary rows."""
+    return int(max(8, min(4096, CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def logsumexp_(x: torch.Tensor):
+    """Row log-sum-exps of ``x``, overwriting x with e = exp(x - rowmax); returns (lse, row sums of e).
+
+    A row holding nan or +inf comes out nan (x - max is nan there), never as a number; a row of only -inf
+    gets lse = -inf, so its log-probs are -inf - (-inf) = nan, as log_softmax gives.
+    """
+    m = x.amax(dim=1)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    s = x.sub_(m[:, None]).exp_().sum(dim=1)
+    return m + s.log(), s
 
 
 class _Chunks:

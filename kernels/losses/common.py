@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..backend import resolve_backend
-from ..segment_sum import segment_sum
+from ..segment_sum import segment_sum_unchecked
 
 
 def check_inputs(logps: torch.Tensor, cu_seqlens: torch.Tensor, *, mask: torch.Tensor | None = None,
@@ -80,8 +80,9 @@ def token_counts(cu_seqlens: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
 
 def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor, counts: torch.Tensor, backend: str) -> torch.Tensor:
-    """[S] sum of ``values`` over each segment divided by ``counts`` (from ``token_counts``)."""
-    sums = segment_sum(values, cu_seqlens, backend=backend)
+    """[S] sum of ``values`` over each segment divided by ``counts`` (from ``token_counts``); inputs checked,
+    ``backend`` resolved."""
+    sums = segment_sum_unchecked(values, cu_seqlens, backend)
     return sums / counts.to(sums.dtype)
 
 

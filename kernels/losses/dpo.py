@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..segment_sum import segment_sum
+from ..segment_sum import segment_sum_unchecked
 from . import common
 
 
@@ -33,9 +33,13 @@ def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: torch.Ten
     num_segments = common.check_inputs(logps, cu_seqlens, mask=mask, ref_logps=ref_logps)
     checks.check_pairs(num_segments)
     beta = common.check_real("beta", beta, positive=True)
-    which = common.resolve(backend, logps)
+    return dpo_unchecked(logps, ref_logps, cu_seqlens, beta, mask, common.resolve(backend, logps))
+
+
+def dpo_unchecked(logps, ref_logps, cu_seqlens, beta: float, mask, which: str):
+    """``dpo_loss`` of checked inputs on a resolved backend."""
     acc = common.acc_dtype(logps)
     log_ratio = logps.to(acc) - ref_logps.to(acc)
     if mask is not None:
         log_ratio = log_ratio * mask
-    return common.pair_loss(beta * segment_sum(log_ratio, cu_seqlens, backend=which), 0.0)
+    return common.pair_loss(beta * segment_sum_unchecked(log_ratio, cu_seqlens, which), 0.0)

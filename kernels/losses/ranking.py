@@ -15,7 +15,7 @@ import torch
 
 from .. import checks
 from ..backend import resolve_backend
-from ..segment_sum import segment_sum
+from ..segment_sum import segment_sum_unchecked
 from ..segment_sum.chunked import segment_ids
 from . import common
 
@@ -66,7 +66,7 @@ def sequence_scores(rewards: torch.Tensor, cu_seqlens: torch.Tensor, *, aggregat
     acc = common.acc_dtype(rewards)
     values = rewards.to(acc)
     if aggregation == "sum":
-        return segment_sum(values, cu_seqlens, backend=which)
+        return segment_sum_unchecked(values, cu_seqlens, which)
     if aggregation == "avg":
         scores = common.segment_mean(values, cu_seqlens, counts, which)
     elif aggregation == "softmax":
@@ -99,7 +99,7 @@ def soft_max(values: torch.Tensor, cu_seqlens: torch.Tensor, temperature: float,
     top = top.scatter_reduce(0, ids, values.detach(), "amax")
     # An infinite max is not subtracted (inf - inf is NaN where the true score is +-inf); NaN stays NaN.
     shift = top.masked_fill(torch.isinf(top), 0.0)
-    sums = segment_sum(torch.exp((values - shift[ids]) / temperature), cu_seqlens, backend=backend)
+    sums = segment_sum_unchecked(torch.exp((values - shift[ids]) / temperature), cu_seqlens, backend)
     return shift + temperature * torch.log(sums)
 
 

@@ -35,6 +35,10 @@ def sepo_loss(logps: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor,
     gamma = common.check_real("gamma", gamma, positive=True)
     margin = common.check_real("margin", margin)
     which = common.resolve(backend, logps)
-    counts = common.token_counts(cu_seqlens, mask)
+    return sepo_from_counts(logps, mask, cu_seqlens, common.token_counts(cu_seqlens, mask), gamma, margin, which)
+
+
+def sepo_from_counts(logps, mask, cu_seqlens, counts, gamma: float, margin: float, which: str):
+    """``sepo_loss`` of checked inputs, given the selected tokens per segment (``counts``, all >= 1)."""
     u = common.segment_mean(logps * mask, cu_seqlens, counts, which)
     return common.pair_loss(gamma * u, margin)

@@ -33,6 +33,10 @@ def simpo_loss(logps: torch.Tensor, cu_seqlens: torch.Tensor, *, beta: float = 2
     beta = common.check_real("beta", beta, positive=True)
     gamma = common.check_real("gamma", gamma)
     which = common.resolve(backend, logps)
-    counts = common.token_counts(cu_seqlens, mask)
+    return simpo_from_counts(logps, cu_seqlens, common.token_counts(cu_seqlens, mask), beta, gamma, mask, which)
+
+
+def simpo_from_counts(logps, cu_seqlens, counts, beta: float, gamma: float, mask, which: str):
+    """``simpo_loss`` of checked inputs, given the (selected) tokens per segment (``counts``, all >= 1)."""
     values = logps if mask is None else logps * mask
     return common.pair_loss(beta * common.segment_mean(values, cu_seqlens, counts, which), gamma)

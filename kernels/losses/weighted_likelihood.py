@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..segment_sum import segment_sum
+from ..segment_sum import segment_sum_unchecked
 from . import common
 
 
@@ -28,7 +28,11 @@ def weighted_nll(logps: torch.Tensor, weights: torch.Tensor, cu_seqlens: torch.T
     num_segments = common.check_inputs(logps, cu_seqlens, weights=weights)
     if num_segments == 0:
         raise ValueError("cu_seqlens holds no segment: a mean over zero sequences is undefined")
-    which = common.resolve(backend, logps)
+    return weighted_nll_unchecked(logps, weights, cu_seqlens, common.resolve(backend, logps))
+
+
+def weighted_nll_unchecked(logps, weights, cu_seqlens, which: str):
+    """``weighted_nll`` of checked inputs on a resolved backend."""
     acc = common.acc_dtype(logps)
-    nll = -segment_sum(weights.to(acc) * logps.to(acc), cu_seqlens, backend=which)
+    nll = -segment_sum_unchecked(weights.to(acc) * logps.to(acc), cu_seqlens, which)
     return nll.mean(), {"nll": nll.detach()}

@@ -27,10 +27,15 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *, backend: str 
     checks.check_same_device(values=values, cu_seqlens=cu_seqlens)
     checks.check_cu_seqlens(cu_seqlens, values.shape[0])
     which = resolve_backend(backend, values.device)
-    if which == "naive":
-        return segment_sum_naive(values, cu_seqlens)
     if which == "triton" and values.dtype == torch.float64:
         raise TypeError("values: the triton backend takes float32, bfloat16 or float16, got float64")
+    return segment_sum_unchecked(values, cu_seqlens, which)
+
+
+def segment_sum_unchecked(values: torch.Tensor, cu_seqlens: torch.Tensor, which: str) -> torch.Tensor:
+    """``segment_sum`` of inputs already checked, on a resolved backend: no host synchronisation."""
+    if which == "naive":
+        return segment_sum_naive(values, cu_seqlens)
     return SegmentSum.apply(values, cu_seqlens, which)
 
 
@@ -65,4 +70,4 @@ class SegmentSum(torch.autograd.Function):
         return grad, None, None
 
 
-__all__ = ["segment_sum", "segment_sum_naive", "SegmentSum"]
+__all__ = ["segment_sum", "segment_sum_naive", "segment_sum_unchecked", "SegmentSum"]

@@ -6,12 +6,13 @@ import torch
 
 from .. import checks
 from ..backend import resolve_backend
-from ..linear_logprobs import linear_logprobs
+from ..linear_logprobs import unit_stride
 from ..losses import common
+from ..streaming.fused_loss import AttachGradients, selective_loss_fused
+from ..streaming.passes import Passes
 from ..topk_mask import topk_mask
-from .chunked import AttachGradients, selective_loss_fused
 from .compact import compact_boundaries
-from .losses import LOSSES, PAIRWISE, apply_loss
+from .losses import LOSSES, PAIRWISE, check_options
 from .naive import selective_loss_naive
 
 
@@ -24,10 +25,11 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           softcap: float | None = None, backend: str = "auto", **loss_options):
     """A preference loss over selected response tokens, computed from hidden states without full logits.
 
-    Log-probs are computed only for the tokens the loss reads: the selected ones. On the torch backend
-    (without softcap) the loss and the gradients of hidden, weight and bias are formed in the same pass
-    over chunks of complete pairs, so no logit is computed twice; on Triton the selected rows go through
-    ``linear_logprobs`` (a forward and a backward kernel) and the loss.
+    Log-probs are computed only for the tokens the loss reads: the selected ones. The loss and the gradients
+    of hidden, weight and bias are formed in the same pass over chunks of complete pairs
+    (``selpo.kernels.streaming.fused_loss``): three GEMMs over the selected rows, no logit computed twice;
+    backward only scales the saved gradients. The torch and triton backends differ only in the memory-bound
+    passes over each logits tile (PyTorch ops or Triton kernels).
 
     Tokens are selected by ``mask``, or by ``scores`` and ``ratio`` through ``topk_mask`` (per response,
     the top ``ratio`` of its tokens; ``largest`` defaults to True for chosen responses and False for
@@ -96,29 +98,24 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         selected = valid & (weights != 0) if loss == "weighted_nll" else valid
     if loss in ("sepo", "simpo"):
         common.token_counts(cu_seqlens, selected)  # a mean over no selected token: ValueError naming mask
-    options = dict(loss_options)
+    options = check_options(loss, loss_options)
     which = resolve_backend(backend, hidden.device)
     if which == "naive":
-        result = selective_loss_naive(hidden, weight, targets, cu_seqlens, selected, loss, ref_logps, weights,
-                                      bias, ignore_index, temperature, softcap, options)
-    elif which == "torch" and softcap is None:
-        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        need = need if torch.is_grad_enabled() else (False, False, False)
-        loss_value, metrics, grads = selective_loss_fused(
-            hidden.contiguous(), weight.contiguous(), targets, cu_seqlens, selected, loss, pairwise, ref_logps,
-            weights, bias, temperature, options, need)
-        result = (AttachGradients.apply(loss_value, grads, hidden, weight, bias) if any(need) else loss_value,
-                  metrics)
-    else:
-        rows = torch.nonzero(selected).squeeze(1)
-        sub_cu = compact_boundaries(selected, cu_seqlens).to(torch.int32)
-        logp = linear_logprobs(hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias=bias,
-                               temperature=temperature, softcap=softcap, backend=which)
-        result = apply_loss(loss, logp, sub_cu, torch.ones_like(rows, dtype=torch.bool),
-                            None if ref_logps is None else ref_logps.index_select(0, rows),
-                            None if weights is None else weights.index_select(0, rows), which, options)
-    value, metrics = result
-    metrics["selected"] = compact_boundaries(selected, cu_seqlens).diff()
+        value, metrics = selective_loss_naive(hidden, weight, targets, cu_seqlens, selected, loss, ref_logps, weights,
+                                              bias, ignore_index, temperature, softcap, options)
+        metrics["selected"] = compact_boundaries(selected, cu_seqlens).diff()
+        return value, metrics
+    if which == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("hidden: the triton backend takes float32, bfloat16 or float16, got float64")
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    need = need if torch.is_grad_enabled() else (False, False, False)
+    rows = torch.nonzero(selected).squeeze(1)
+    cu_sel = compact_boundaries(selected, cu_seqlens)
+    loss_value, metrics, grads = selective_loss_fused(
+        Passes(which, temperature, softcap), *(None if t is None else unit_stride(t.detach()) for t in (hidden, weight, bias)), targets,
+        cu_sel.tolist(), rows, loss, pairwise, ref_logps, weights, options, need)
+    metrics["selected"] = cu_sel.diff()
+    value = AttachGradients.apply(loss_value, grads, hidden, weight, bias) if any(need) else loss_value
     return value, metrics
 
 

@@ -6,8 +6,9 @@ import torch
 
 from .. import checks
 from ..backend import resolve_backend
-from ..poison import poisoned_unless
-from .chunked import token_scores_chunked
+from ..linear_logprobs import unit_stride
+from ..streaming.logprobs import row_logprobs
+from ..streaming.passes import Passes
 from .naive import token_scores_naive
 
 
@@ -47,17 +48,15 @@ def token_scores(hidden_a: torch.Tensor, weight_a: torch.Tensor, hidden_b: torch
     which = resolve_backend(backend, hidden_a.device)
     if which == "naive":
         return token_scores_naive(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
-    hidden_a, weight_a, hidden_b, weight_b, targets = (t.contiguous() for t in (hidden_a, weight_a, hidden_b, weight_b, targets))
-    if which == "torch":
-        return token_scores_chunked(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
-    if hidden_a.dtype == torch.float64:
+    if which == "triton" and hidden_a.dtype == torch.float64:
         raise TypeError("hidden_a: the triton backend takes float32, bfloat16 or float16, got float64")
-    from .triton_kernels import token_scores_into
-
-    keep = targets != ignore_index
-    out = poisoned_unless(keep)
-    rows = torch.nonzero(keep).squeeze(1)
-    token_scores_into(hidden_a, weight_a, hidden_b, weight_b, targets, rows, out)
+    rows = torch.nonzero(targets != ignore_index).squeeze(1)  # the call's one host synchronisation
+    t = targets.index_select(0, rows)
+    passes = Passes(which, 1.0, None)
+    logp_a, _ = row_logprobs(passes, unit_stride(hidden_a), unit_stride(weight_a), None, rows, t)
+    logp_b, _ = row_logprobs(passes, unit_stride(hidden_b), unit_stride(weight_b), None, rows, t)
+    out = torch.zeros(n, dtype=logp_a.dtype, device=hidden_a.device)
+    out[rows] = logp_a - logp_b
     return out
 
 

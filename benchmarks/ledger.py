@@ -1,0 +1,136 @@
+"""The cost ledger: what each op's GPU route launches at a given shape, and the time that predicts, without a GPU.
+
+Every op runs in a dry run (``selpo.kernels.ledger``): its inputs are zero-stride tensors of the real shape
+(one row of storage), the schedule plans for CUDA, and each GEMM and memory-bound pass records the FLOPs and
+bytes of the tensors it is handed instead of running. The prediction takes a GEMM at the GPU's measured
+matmul rate and a pass at its memory bandwidth (``Ledger.predict``); the floor is the op's unavoidable GEMMs
+alone at the same rate. The torch and triton backends share the schedule, hence this ledger: only who runs
+each pass differs (tests/test_ledger.py checks that both record the same launches).
+
+    python -m benchmarks.ledger                       # headline: bf16, N=16384, D=4096, V=128256, H100 and H200
+    python -m benchmarks.ledger --n 16384 --d 576 --v 49152
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from selpo.kernels import ledger, linear_logprobs, linear_selective_loss, token_scores, topk_mask
+
+# Measured rates (bf16 dense matmul through cuBLAS, and memory bandwidth), from DEVELOPERS.md / GPU-NOTES.md.
+GPUS = {"H100": (741e12, 3.0e12), "H200": (790e12, 4.3e12)}
+HEADLINE = dict(n=16384, d=4096, v=128256)
+# Responses of this many tokens, laid out as pairs (chosen then rejected), for the losses and the selection.
+RESPONSE_TOKENS = 128
+
+
+@dataclass
+class Costed:
+    """One op at one shape: its ledger and its floor (the unavoidable GEMM FLOPs)."""
+
+    name: str
+    book: ledger.Ledger
+    floor_flops: int
+    naive_workspace: int
+
+    def predicted(self, gpu: str) -> float:
+        return self.book.predict(*GPUS[gpu])
+
+    def floor(self, gpu: str) -> float:
+        return self.floor_flops / GPUS[gpu][0]
+
+
+def inputs(n: int, d: int, v: int, dtype: torch.dtype, ratio: float, seed: int = 0):
+    """Dry inputs of the shape (zero-stride hidden and weight), real targets, pair boundaries and a mask."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = ledger.dry_input((n, d), dtype).requires_grad_()
+    weight = ledger.dry_input((v, d), dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    segments = max(2, n // RESPONSE_TOKENS // 2 * 2)
+    cu = torch.linspace(0, n, segments + 1).round().to(torch.int32)
+    largest = torch.arange(segments) < segments // 2
+    mask = topk_mask(torch.randn(n, generator=gen), cu, ratio, largest=largest, backend="torch")
+    return hidden, weight, targets, cu, mask
+
+
+def dry(fn) -> ledger.Ledger:
+    with ledger.counting(dry_run=True, device="cuda") as book:
+        fn()
+    return book
+
+
+def cost_ops(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16, ratio: float = 0.3) -> list[Costed]:
+    """The ledger of every op at this shape (torch backend: see the module docstring)."""
+    hidden, weight, targets, cu, mask = inputs(n, d, v, dtype, ratio)
+    gemm = 2 * n * d * v
+    selected = int(mask.sum())
+    # Lower bounds of naive's workspace: its forward holds the fp32 logits and their log-softmax (saved for the
+    # backward); its backward adds the fp32 gradient of the log-softmax and the half gradient of the logits.
+    # (Measured on an H100 at the headline shape: 15.7 GiB forward, 22.4 GiB forward+backward.)
+    naive, naive_bwd = 2 * n * v * 4, n * v * (4 + 4 + dtype.itemsize)
+
+    def forward():
+        with torch.no_grad():
+            linear_logprobs(hidden, weight, targets, backend="torch")
+
+    def forward_backward():
+        logp = linear_logprobs(hidden, weight, targets, backend="torch")
+        torch.autograd.grad(logp, (hidden, weight), torch.ones_like(logp))
+
+    def backward_selected():
+        with ledger.counting(dry_run=True, device="cuda"):  # the forward is not part of this measure
+            logp = linear_logprobs(hidden, weight, targets, backend="torch")
+        torch.autograd.grad(logp, (hidden, weight), mask.float())
+
+    def sepo():
+        loss, _ = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss="sepo", backend="torch")
+        torch.autograd.grad(loss, (hidden, weight))
+
+    def scores():  # topk_mask then reads the [N] scores once: nothing next to this
+        token_scores(hidden.detach(), weight.detach(), hidden.detach(), weight.detach(), targets, backend="torch")
+
+    fraction = f"{round(100 * selected / n)}%"
+    return [Costed("linear_logprobs forward", dry(forward), gemm, naive),
+            Costed("linear_logprobs forward+backward", dry(forward_backward), 4 * gemm, naive_bwd),
+            Costed(f"linear_logprobs backward, {fraction} of rows", dry(backward_selected), 3 * gemm * selected // n,
+                   naive_bwd),
+            Costed(f"SePO loss, {fraction} selected, forward+backward", dry(sepo), 3 * gemm * selected // n,
+                   naive_bwd),
+            Costed("token_scores", dry(scores), 2 * gemm, naive)]
+
+
+def gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def table(costed: list[Costed]) -> str:
+    lines = ["| op | GEMMs | TFLOP | pass traffic | workspace (× naive's) | H100 predicted / floor | "
+             "H200 predicted / floor |", "|---|---|---|---|---|---|---|"]
+    for c in costed:
+        passes = sum(e.bytes for e in c.book.passes()) + sum(e.extra_bytes for e in c.book.gemms())
+        cells = [f"{c.predicted(g) * 1e3:.1f} / {c.floor(g) * 1e3:.1f} ms = {c.predicted(g) / c.floor(g):.3f}×"
+                 for g in GPUS]
+        lines.append(f"| {c.name} | {len(c.book.gemms())} | {c.book.flops / 1e12:.2f} | {passes / 1e9:.2f} GB | "
+                     f"{gib(c.book.workspace_bytes)} ({c.book.workspace_bytes / c.naive_workspace:.3f}×) | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in HEADLINE.items():
+        parser.add_argument(f"--{key}", type=int, default=value)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ratio", type=float, default=0.3, help="share of tokens the selective loss keeps")
+    args = parser.parse_args(argv)
+    costed = cost_ops(args.n, args.d, args.v, getattr(torch, args.dtype), args.ratio)
+    print(f"Predicted GPU route at N={args.n}, D={args.d}, V={args.v}, {args.dtype} (rates: "
+          + ", ".join(f"{g} {f / 1e12:.0f} TFLOP/s, {b / 1e12:.1f} TB/s" for g, (f, b) in GPUS.items()) + ")\n")
+    print(table(costed))
+
+
+if __name__ == "__main__":
+    main()

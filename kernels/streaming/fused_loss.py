@@ -1,0 +1,108 @@
+"""The selective loss with its gradients formed in the forward, over chunks of complete pairs.
+
+A pairwise loss couples the tokens of a pair only through the pair's own reward, so once a chunk holds
+every selected token of its pairs, the loss of those pairs and dL/dlogp of their tokens are known while
+their logits are still in the buffer. Per chunk: one GEMM writes the selected rows' logits over the whole
+vocabulary, a pass folds their log-sum-exps, the loss and dL/dlogp come from the [rows] log-probs, a pass
+turns the logits into dL/dlogits in place, and two GEMMs take that to dL/dweight (added over the chunks, in
+the weight's dtype) and dL/dhidden. Three GEMMs over the selected rows, nothing over the others, nothing
+recomputed; ``AttachGradients`` hands the saved gradients to autograd, scaled by the upstream gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ledger
+from ..dtypes import acc_dtype
+from ..selective_loss.losses import selected_loss
+from . import launch, plan
+from .logprobs import finish_lse, flat_view
+from .passes import Passes
+
+
+def unit_groups(units_rows: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive groups [a, b) of units (pairs or sequences) holding at most ``limit`` rows, or one unit."""
+    groups, start, total = [], 0, 0
+    for u, rows in enumerate(units_rows):
+        if u > start and total + rows > limit:
+            groups.append((start, u))
+            start, total = u, 0
+        total += rows
+    if units_rows:
+        groups.append((start, len(units_rows)))
+    return groups
+
+
+@ledger.scoped
+def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, rows, name, pairwise, ref_logps,
+                         weights, options, need_grads):
+    """(loss, metrics, (grad_hidden, grad_weight, grad_bias)) of the loss over the selected rows ``rows``
+    (sorted indices into hidden), whose segments are bounded by ``cu_sel`` (a list of ints, [S+1])."""
+    (v, d), dtype = weight.shape, hidden.dtype
+    seg_rows = [b - a for a, b in zip(cu_sel[:-1], cu_sel[1:])]
+    num_units = len(seg_rows) // 2 if pairwise else len(seg_rows)
+    # A unit's segments: (p, P + p) for a pair, (s,) for a sequence.
+    units_rows = [seg_rows[u] + seg_rows[num_units + u] for u in range(num_units)] if pairwise else seg_rows
+    limit = plan.pair_chunk_rows(v, hidden.element_size(), plan.buffer_bytes(hidden.device))
+    most = min(rows.numel(), max(limit, max(units_rows, default=0)))
+    buf = ledger.workspace((most * v,), dtype, hidden.device)
+    hbuf = ledger.workspace((most, d), dtype, hidden.device)
+    need_h, need_w, need_b = need_grads
+    any_row = rows.numel() > 0
+
+    def output(t, needed, zero):
+        return ledger.workspace(t.shape, t.dtype, t.device, fill=0.0 if zero else None, output=True) if needed else None
+
+    grads = (output(hidden, need_h, True), output(weight, need_w, not any_row), output(bias, need_b, not any_row))
+    losses, metrics = [], []
+    for a, b in unit_groups(units_rows, limit):
+        parts = [(a, b), (num_units + a, num_units + b)] if pairwise else [(a, b)]
+        idx = torch.cat([rows[cu_sel[s]:cu_sel[e]] for s, e in parts])
+        counts = [n for s, e in parts for n in seg_rows[s:e]]
+        sub_cu = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(hidden.device)
+        counts = torch.tensor(counts, dtype=torch.int64).to(hidden.device)
+        r = idx.numel()
+        t = targets.index_select(0, idx)
+        h = launch.gather_rows(hidden, idx, hbuf[:r])
+        x = launch.logits(h, weight, flat_view(buf, r, v))
+        m = torch.full((r,), float("-inf"), dtype=acc_dtype(dtype), device=hidden.device)
+        s = torch.zeros_like(m)
+        passes.merge_lse_(x, bias, m, s)
+        lse = finish_lse(m, s)
+        logp = (passes.target_logits(hidden, idx, weight, bias, t) - lse).detach().requires_grad_()
+        with torch.enable_grad():
+            loss, chunk_metrics = selected_loss(
+                name, logp, sub_cu, counts, None if ref_logps is None else ref_logps.index_select(0, idx),
+                None if weights is None else weights.index_select(0, idx), passes.which, options)
+            weighted = loss * ((b - a) / num_units)  # the loss is a mean over units: this chunk's share of it
+        losses.append(weighted.detach())
+        metrics.append(chunk_metrics)
+        if any(need_grads):
+            (g,) = torch.autograd.grad(weighted, logp)
+            passes.grad_logits_(x, bias, t, 0, g, lse)
+            first = a == 0
+            if need_w:
+                launch.grad_weight(x, h, grads[1], accumulate=not first)
+            if need_b:
+                launch.column_sums(x, grads[2], accumulate=not first)
+            if need_h:  # h is no longer needed: its buffer takes the rows' hidden gradient
+                launch.grad_hidden(x, weight, h, accumulate=False)
+                launch.scatter_rows(h, idx, grads[0])
+    loss = torch.stack(losses).sum()
+    merged = {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]}
+    return loss, merged, grads
+
+
+class AttachGradients(torch.autograd.Function):
+    """Returns a loss whose gradients w.r.t. (hidden, weight, bias) were computed with it, scaled on backward."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, hidden, weight, bias):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
+        return (None, None, *scaled)

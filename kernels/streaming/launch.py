@@ -1,0 +1,76 @@
+"""The hot path's GEMMs and row copies: cuBLAS (or the CPU's BLAS) through torch, each recorded in the ledger.
+
+GEMMs multiply in the inputs' dtype (fp32 accumulation inside the GEMM) and write into buffers they are
+handed, so nothing is allocated per call. Under a dry run (``ledger.counting(dry_run=True)``) they record
+and return.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ledger
+from ..dtypes import acc_dtype
+
+
+def logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[r, c] = h[r] . w[c]: a tile of raw logits, in the inputs' dtype."""
+    ledger.record_gemm("logits", h, w.T, out)
+    if ledger.executing():
+        torch.mm(h, w.T, out=out)
+    return out
+
+
+def grad_weight(dz: torch.Tensor, h: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= dz.T @ h: a vocabulary slice's rows of dL/dweight, in the weight's dtype."""
+    ledger.record_gemm("grad_weight", dz.T, h, out, accumulate)
+    if ledger.executing():
+        if accumulate:
+            out.addmm_(dz.T, h)
+        else:
+            torch.mm(dz.T, h, out=out)
+
+
+def grad_hidden(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= dz @ w: a slice's share of dL/dhidden. ``out`` may be fp32 for half inputs: cuBLAS then adds
+    its fp32 result straight into it (``addmm`` with ``out_dtype``), elsewhere a half product is widened."""
+    ledger.record_gemm("grad_hidden", dz, w, out, accumulate)
+    if not ledger.executing():
+        return
+    if out.dtype == dz.dtype:
+        if accumulate:
+            out.addmm_(dz, w)
+        else:
+            torch.mm(dz, w, out=out)
+    elif out.is_cuda:
+        torch.addmm(out, dz, w, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out += (dz @ w).to(out.dtype)
+    else:
+        out.copy_(dz @ w)
+
+
+def gather_rows(t: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = t[rows]."""
+    ledger.record_pass("gather_rows", (out, rows), (out,))
+    if ledger.executing():
+        torch.index_select(t, 0, rows, out=out)
+    return out
+
+
+def scatter_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """out[rows] = src (cast to out's dtype); other rows untouched."""
+    ledger.record_pass("scatter_rows", (src, rows), (src,))
+    if ledger.executing():
+        out.index_copy_(0, rows, src.to(out.dtype))
+
+
+def column_sums(dz: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= dz.sum(0), summed in fp32 (fp64 for fp64): a slice of dL/dbias."""
+    ledger.record_pass("bias_grad", (dz,), (out,))
+    if ledger.executing():
+        sums = dz.sum(0, dtype=acc_dtype(dz.dtype))
+        if accumulate:
+            out += sums.to(out.dtype)
+        else:
+            out.copy_(sums)

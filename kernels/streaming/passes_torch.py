@@ -1,0 +1,67 @@
+"""The memory-bound passes in PyTorch ops: the CPU's implementation of what ``passes_triton`` does on a GPU.
+
+A logits tile ``x`` [r, w] holds raw products h . w of vocabulary columns [v0, v0 + w); ``z = transform(x)``
+is what the softmax sees: ``softcap(x + b) / T``. Math in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dtypes import acc_dtype
+
+
+def transform_(z: torch.Tensor, bias: torch.Tensor | None, temperature: float, softcap: float | None) -> torch.Tensor:
+    """z <- softcap(z + bias) / T in place (z already in the math dtype)."""
+    if bias is not None:
+        z += bias.to(z.dtype)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def transformed(x: torch.Tensor, bias, temperature, softcap) -> torch.Tensor:
+    """transform(x) without touching x."""
+    return transform_(x.to(acc_dtype(x.dtype), copy=True), bias, temperature, softcap)
+
+
+def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tensor:
+    """z of each row ``rows[i]`` of h at its target ``targets[i]``, from the fp32 dot product of the row with
+    its target's weight row (exact, never read from a half-precision logits tile)."""
+    acc = acc_dtype(h.dtype)
+    t = targets.long()
+    z = (h.index_select(0, rows).to(acc) * w.index_select(0, t).to(acc)).sum(1)
+    return transform_(z[:, None], None if bias is None else bias.index_select(0, t)[:, None], temperature,
+                      softcap)[:, 0]
+
+
+def merge_lse_(x, bias, m, s, temperature, softcap) -> None:
+    """Folds the tile into each row's running max ``m`` and sum ``s`` of exp(z - m) (in place); x is kept.
+
+    A row holding nan or +inf ends with a nan sum, never a number."""
+    z = transformed(x, bias, temperature, softcap)
+    m_new = torch.maximum(m, z.amax(dim=1))
+    safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
+    s.mul_(torch.exp(m - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
+    m.copy_(m_new)
+
+
+def grad_logits_(x, bias, targets, v0, g, lse, temperature, softcap) -> None:
+    """x <- dL/dx = g/T * (onehot(target) - softmax(z)) * softcap'(x + b), in place, for upstream gradients
+    ``g`` [r] (fp32) of the rows' log-probs; ``targets`` [r] are the rows' targets (others than [v0, v0+w)
+    simply match no column)."""
+    in_place = x.dtype == acc_dtype(x.dtype)
+    z = transform_(x, bias, temperature, softcap) if in_place else transformed(x, bias, temperature, softcap)
+    if softcap is not None:
+        tanh_sq = (z * (temperature / softcap)).square_()
+    z.sub_(lse.to(z.dtype)[:, None]).exp_().neg_()
+    cols = targets.long() - v0
+    inside = (cols >= 0) & (cols < x.shape[1])
+    z.scatter_add_(1, cols.clamp(0, x.shape[1] - 1)[:, None], inside.to(z.dtype)[:, None])
+    if softcap is not None:
+        z.mul_(tanh_sq.neg_().add_(1))
+    z.mul_((g.to(z.dtype) / temperature)[:, None])
+    if not in_place:
+        x.copy_(z)

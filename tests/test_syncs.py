@@ -1,0 +1,97 @@
+"""Host synchronisations of each public op: a fixed, small number per call, whatever the size of the batch.
+
+On a GPU each one stalls the CPU until the device catches up. They are counted as the ATen calls that hand a
+device value to the host (``nonzero``, whose output size is data-dependent, and ``_local_scalar_dense``,
+behind ``.item()``, ``int()`` and ``bool()``), plus ``Tensor.tolist``, which PyTorch does not dispatch.
+"""
+
+import pytest
+import torch
+from conftest import BACKENDS
+from helpers import cu_seqlens
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from selpo.kernels import linear_logprobs, linear_selective_loss, logprobs_from_logits, token_scores, topk_mask
+
+SYNCING = {"nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal", "masked_select", "unique", "_unique2"}
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts the host synchronisations made inside the block (``self.calls``: their names, in order)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.calls = []
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.calls.append("tolist")
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING:
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def syncs(monkeypatch, fn) -> list[str]:
+    with CountSyncs(monkeypatch) as counter:
+        fn()
+    monkeypatch.undo()
+    return counter.calls
+
+
+def batch(pairs: int, length: int = 9, d: int = 16, v: int = 100):
+    n = 2 * pairs * length
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(v, d, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    targets[::7] = -100
+    return hidden, weight, targets, cu_seqlens([length] * (2 * pairs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pairs", [2, 9])
+def test_linear_logprobs_and_token_scores(backend, pairs, monkeypatch):
+    """One to check the targets, one for the rows to compute (a data-dependent count); the backward: one,
+    for the rows with gradient."""
+    hidden, weight, targets, _ = batch(pairs)
+    out = {}
+    assert syncs(monkeypatch, lambda: out.update(logp=linear_logprobs(hidden, weight, targets, backend=backend))) \
+        == ["_local_scalar_dense", "nonzero"]
+    assert syncs(monkeypatch, lambda: out["logp"].sum().backward()) == ["nonzero"]
+    h, w = hidden.detach(), weight.detach()
+    assert syncs(monkeypatch, lambda: token_scores(h, w, h, w, targets, backend=backend)) \
+        == ["_local_scalar_dense", "nonzero"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["sepo", "dpo", "simpo"])
+@pytest.mark.parametrize("pairs", [2, 9])
+def test_linear_selective_loss(backend, loss, pairs, monkeypatch):
+    """Targets and boundaries checked (one each), every response holding a selected token (sepo, simpo: one),
+    the selected rows (one) and their boundaries, which cut the work into chunks of pairs (one); the
+    gradients are formed there, so the backward has none, and no chunk adds any."""
+    hidden, weight, targets, cu = batch(pairs)
+    mask = torch.rand(hidden.shape[0]) < 0.4
+    mask[cu[:-1].long()] = True
+    ref = torch.randn(hidden.shape[0])
+    out = {}
+
+    def call():
+        out["loss"] = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss=loss, ref_logps=ref,
+                                            backend=backend)[0]
+
+    counting = ["nonzero"] if loss in ("sepo", "simpo") else []
+    assert syncs(monkeypatch, call) == ["_local_scalar_dense", "tolist", *counting, "nonzero", "tolist"]
+    assert syncs(monkeypatch, lambda: out["loss"].backward()) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_mask_and_logprobs_from_logits(backend, monkeypatch):
+    scores, cu = torch.randn(90), cu_seqlens([30, 20, 40])
+    assert len(syncs(monkeypatch, lambda: topk_mask(scores, cu, 0.3, backend=backend))) <= 4
+    logits, targets = torch.randn(12, 50), torch.randint(0, 50, (12,))
+    assert len(syncs(monkeypatch, lambda: logprobs_from_logits(logits, targets, backend=backend))) <= 2
