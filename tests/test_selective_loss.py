@@ -73,9 +73,9 @@ def test_mask_and_upstream_gradient(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_path_projects_only_selected_tokens_once(backend, monkeypatch):
     """Three GEMMs per chunk of whole pairs, over its selected tokens only: the logits of each selected token
-    are computed exactly once, and the backward adds no GEMM."""
+    are computed exactly once, and the backward only scales the gradients already formed."""
     v = 50
-    monkeypatch.setattr(plan, "BUFFER_BYTES", {"cpu": 8 * v * 4, "cuda": 8 * v * 4})  # 8 rows per chunk
+    monkeypatch.setattr(plan, "LOSS_BUFFER_BYTES", {"cpu": 8 * v * 4, "cuda": 8 * v * 4})  # 8 rows per chunk
     lengths = [40, 12, 7, 20, 33, 9, 16, 18]
     hidden, weight, targets, cu, _ = make_batch(lengths, v=v, ignored=())
     hidden, weight = hidden.float(), weight.float()
@@ -90,7 +90,8 @@ def test_fused_path_projects_only_selected_tokens_once(backend, monkeypatch):
     logits = [e for e in book.gemms() if e.name == "logits"]
     assert int(metrics["selected"].sum()) == selected and len(logits) > 1
     assert sum(e.flops for e in logits) == 2 * selected * v * hidden.shape[1]
-    assert book.flops == 3 * 2 * selected * v * hidden.shape[1] and not backward_book.entries
+    assert book.flops == 3 * 2 * selected * v * hidden.shape[1]
+    assert [e.name for e in backward_book.entries] == ["scale_grads", "scale_grads"] and not backward_book.flops
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,3 +151,14 @@ def test_half_precision_inputs(backend, dtype):
     assert got[0].dtype == torch.float64
     for g, w in zip(got, want):
         assert (g - w).abs().max().item() <= TOL[dtype] * max(1.0, w.abs().max().item())
+
+
+def test_second_backward_is_refused():
+    """The gradients formed in the forward are scaled in place and handed over once: a second backward of the
+    same loss (retain_graph) is an error, never doubly scaled gradients."""
+    hidden, weight, targets, cu, _ = make_batch([4, 6, 5, 3], ignored=())
+    h = hidden.clone().requires_grad_()
+    value, _ = linear_selective_loss(h, weight, targets, cu, backend="torch")
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="handed over by the first backward"):
+        value.backward()

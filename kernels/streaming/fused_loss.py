@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 
 from .. import ledger
-from ..dtypes import acc_dtype
 from ..selective_loss.losses import selected_loss
 from . import launch, plan
-from .logprobs import finish_lse, flat_view
+from .logprobs import flat_view
 from .passes import Passes
 
 
@@ -44,10 +43,10 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
     num_units = len(seg_rows) // 2 if pairwise else len(seg_rows)
     # A unit's segments: (p, P + p) for a pair, (s,) for a sequence.
     units_rows = [seg_rows[u] + seg_rows[num_units + u] for u in range(num_units)] if pairwise else seg_rows
-    limit = plan.pair_chunk_rows(v, hidden.element_size(), plan.buffer_bytes(hidden.device))
+    limit = plan.pair_chunk_rows(v, hidden.element_size(), plan.buffer_bytes(hidden.device, plan.LOSS_BUFFER_BYTES))
     most = min(rows.numel(), max(limit, max(units_rows, default=0)))
-    buf = ledger.workspace((most * v,), dtype, hidden.device)
-    hbuf = ledger.workspace((most, d), dtype, hidden.device)
+    buf = ledger.workspace((most * v,), dtype, hidden.device, name="logits")
+    hbuf = ledger.workspace((most, d), dtype, hidden.device, name="rows")
     need_h, need_w, need_b = need_grads
     any_row = rows.numel() > 0
 
@@ -66,21 +65,22 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
         t = targets.index_select(0, idx)
         h = launch.gather_rows(hidden, idx, hbuf[:r])
         x = launch.logits(h, weight, flat_view(buf, r, v))
-        m = torch.full((r,), float("-inf"), dtype=acc_dtype(dtype), device=hidden.device)
-        s = torch.zeros_like(m)
-        passes.merge_lse_(x, bias, m, s)
-        lse = finish_lse(m, s)
-        logp = (passes.target_logits(hidden, idx, weight, bias, t) - lse).detach().requires_grad_()
-        with torch.enable_grad():
-            loss, chunk_metrics = selected_loss(
-                name, logp, sub_cu, counts, None if ref_logps is None else ref_logps.index_select(0, idx),
-                None if weights is None else weights.index_select(0, idx), passes.which, options)
-            weighted = loss * ((b - a) / num_units)  # the loss is a mean over units: this chunk's share of it
-        losses.append(weighted.detach())
-        metrics.append(chunk_metrics)
+        x_t = passes.target_logits(hidden, idx, weight, bias, t)
+        share = (b - a) / num_units  # the loss is a mean over units: this chunk's share of it
+
+        def loss_grad(logp):
+            logp = logp.detach().requires_grad_()
+            with torch.enable_grad():
+                loss, chunk_metrics = selected_loss(
+                    name, logp, sub_cu, counts, None if ref_logps is None else ref_logps.index_select(0, idx),
+                    None if weights is None else weights.index_select(0, idx), passes.which, options)
+                weighted = loss * share
+            losses.append(weighted.detach())
+            metrics.append(chunk_metrics)
+            return torch.autograd.grad(weighted, logp)[0] if any(need_grads) else None
+
+        passes.logprobs_and_grad_(x, bias, t, x_t, loss_grad)
         if any(need_grads):
-            (g,) = torch.autograd.grad(weighted, logp)
-            passes.grad_logits_(x, bias, t, 0, g, lse)
             first = a == 0
             if need_w:
                 launch.grad_weight(x, h, grads[1], accumulate=not first)
@@ -95,7 +95,8 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
 
 
 class AttachGradients(torch.autograd.Function):
-    """Returns a loss whose gradients w.r.t. (hidden, weight, bias) were computed with it, scaled on backward."""
+    """Returns a loss whose gradients w.r.t. (hidden, weight, bias) were computed with it, scaled on backward
+    in place (one pass over them, no new allocation): they are handed over once."""
 
     @staticmethod
     def forward(ctx, loss, grads, hidden, weight, bias):
@@ -104,5 +105,13 @@ class AttachGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
-        return (None, None, *scaled)
+        if ctx.grads is None:
+            raise RuntimeError("linear_selective_loss: its gradients were handed over by the first backward; "
+                               "compute the loss again to differentiate it again")
+        for g in ctx.grads:
+            if g is not None:
+                ledger.record_pass("scale_grads", (g,), (g,))
+                if ledger.executing():
+                    g.mul_(grad_loss.to(g.dtype))
+        grads, ctx.grads = ctx.grads, None
+        return (None, None, *grads)

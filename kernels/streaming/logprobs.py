@@ -16,7 +16,7 @@ import torch
 
 from .. import ledger
 from . import launch, plan
-from .passes import Passes
+from .passes import Passes, finish_lse
 from ..dtypes import acc_dtype
 
 
@@ -37,11 +37,6 @@ def bias_slice(bias, v0, v1):
     return None if bias is None else bias[v0:v1]
 
 
-def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """lse = m + log(s); a row of only -inf logits gets -inf (so its log-prob is nan, as log_softmax gives)."""
-    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m) + s.log()
-
-
 @ledger.scoped
 def row_logprobs(passes: Passes, hidden, weight, bias, rows, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [n], lse [n]) of rows ``rows`` of hidden with targets ``targets`` [n]."""
@@ -51,15 +46,16 @@ def row_logprobs(passes: Passes, hidden, weight, bias, rows, targets) -> tuple[t
     m = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
     s = torch.zeros(n, dtype=acc, device=hidden.device)
     chunk, width = plan.forward_tiles(n, v, hidden.element_size(), plan.buffer_bytes(hidden.device))
-    buf = ledger.workspace((min(chunk, n) * width,), hidden.dtype, hidden.device)
-    hbuf = None if n == hidden.shape[0] else ledger.workspace((min(chunk, n), d), hidden.dtype, hidden.device)
+    buf = ledger.workspace((min(chunk, n) * width,), hidden.dtype, hidden.device, name="logits")
+    hbuf = None if n == hidden.shape[0] else ledger.workspace((min(chunk, n), d), hidden.dtype, hidden.device,
+                                                               name="rows")
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         h = hidden_rows(hidden, rows, r0, r1, hbuf)
         for v0 in range(0, v, width):
             v1 = min(v, v0 + width)
             x = launch.logits(h, weight[v0:v1], flat_view(buf, r1 - r0, v1 - v0))
-            passes.merge_lse_(x, bias_slice(bias, v0, v1), m[r0:r1], s[r0:r1])
+            passes.merge_lse_(x, bias_slice(bias, v0, v1), m[r0:r1], s[r0:r1], keep=False)
     lse = finish_lse(m, s)
     return x_t - lse, lse
 
@@ -74,13 +70,13 @@ def row_grads(passes: Passes, g, hidden, weight, bias, rows, targets, lse, grads
     dtype = hidden.dtype
     group, width = plan.backward_groups(n, v, hidden.element_size(), plan.buffer_bytes(hidden.device))
     all_rows = n == hidden.shape[0]
-    buf = ledger.workspace((min(group, n) * width,), dtype, hidden.device)
-    hbuf = None if all_rows else ledger.workspace((min(group, n), d), dtype, hidden.device)
+    buf = ledger.workspace((min(group, n) * width,), dtype, hidden.device, name="logits")
+    hbuf = None if all_rows else ledger.workspace((min(group, n), d), dtype, hidden.device, name="rows")
     single = width >= v
     direct = grad_hidden is not None and all_rows and (single or dtype == acc_dtype(dtype))
     acc_h = None
     if grad_hidden is not None and not direct:
-        acc_h = ledger.workspace((min(group, n), d), acc_dtype(dtype), hidden.device)
+        acc_h = ledger.workspace((min(group, n), d), acc_dtype(dtype), hidden.device, name="grad_rows")
     for r0 in range(0, n, group):
         r1 = min(n, r0 + group)
         h = hidden_rows(hidden, rows, r0, r1, hbuf)

@@ -10,6 +10,11 @@ from ..dtypes import acc_dtype
 from . import passes_torch
 
 
+def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """lse = m + log(s); a row of only -inf logits gets -inf (so its log-prob is nan, as log_softmax gives)."""
+    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m) + s.log()
+
+
 class Passes:
     """``which``: "torch" or "triton". Each method's contract is in ``passes_torch``."""
 
@@ -28,10 +33,38 @@ class Passes:
             return torch.zeros(n, dtype=acc_dtype(h.dtype), device=h.device)
         return self.impl.target_logits(h, rows, w, bias, targets, self.temperature, self.softcap)
 
-    def merge_lse_(self, x, bias, m, s) -> None:
+    def merge_lse_(self, x, bias, m, s, keep: bool = True) -> None:
+        """Folds the tile into the running max ``m`` and sum ``s``; ``keep=False``: x may be overwritten."""
         ledger.record_pass("merge_lse", (x, m, s), (m, s))
         if ledger.executing():
-            self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)
+            if self.which == "torch":
+                self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap, keep)
+            else:
+                self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)
+
+    def logprobs_and_grad_(self, x, bias, targets, x_t, loss_grad) -> torch.Tensor:
+        """For a tile spanning the whole vocabulary: each row's lse, ``g = loss_grad(x_t - lse)`` (the loss's
+        gradient w.r.t. the rows' log-probs, or None for none), then x <- dL/dx in place. Returns lse.
+
+        The same two passes as ``merge_lse_`` and ``grad_logits_``; PyTorch ops fuse them into four (exp(z - max)
+        stays in x in between) when the math needs no softcap and no widening."""
+        r, acc = x.shape[0], acc_dtype(x.dtype)
+        fast = ledger.executing() and self.which == "torch" and self.softcap is None and x.dtype == acc
+        m = torch.full((r,), float("-inf"), dtype=acc, device=x.device)
+        s = torch.zeros_like(m)
+        ledger.record_pass("merge_lse", (x, m, s), (m, s))
+        if fast:
+            lse, g = passes_torch.logprobs_and_grad_(x, bias, targets, x_t, loss_grad, self.temperature)
+        else:
+            if ledger.executing():
+                self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)
+            lse = finish_lse(m, s)
+            g = loss_grad(x_t - lse)
+        if g is not None:
+            ledger.record_pass("grad_logits", (x, g, lse, targets), (x,))
+            if ledger.executing() and not fast:
+                self.impl.grad_logits_(x, bias, targets, 0, g, lse, self.temperature, self.softcap)
+        return lse
 
     def grad_logits_(self, x, bias, targets, v0, g, lse) -> None:
         ledger.record_pass("grad_logits", (x, g, lse, targets), (x,))

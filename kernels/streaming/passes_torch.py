@@ -37,11 +37,13 @@ def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tens
                       softcap)[:, 0]
 
 
-def merge_lse_(x, bias, m, s, temperature, softcap) -> None:
-    """Folds the tile into each row's running max ``m`` and sum ``s`` of exp(z - m) (in place); x is kept.
+def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True) -> None:
+    """Folds the tile into each row's running max ``m`` and sum ``s`` of exp(z - m) (in place); x is kept,
+    unless ``keep`` is False (then its contents are undefined after).
 
     A row holding nan or +inf ends with a nan sum, never a number."""
-    z = transformed(x, bias, temperature, softcap)
+    in_place = not keep and x.dtype == acc_dtype(x.dtype)
+    z = transform_(x, bias, temperature, softcap) if in_place else transformed(x, bias, temperature, softcap)
     m_new = torch.maximum(m, z.amax(dim=1))
     safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
     s.mul_(torch.exp(m - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
@@ -54,14 +56,32 @@ def grad_logits_(x, bias, targets, v0, g, lse, temperature, softcap) -> None:
     simply match no column)."""
     in_place = x.dtype == acc_dtype(x.dtype)
     z = transform_(x, bias, temperature, softcap) if in_place else transformed(x, bias, temperature, softcap)
-    if softcap is not None:
-        tanh_sq = (z * (temperature / softcap)).square_()
-    z.sub_(lse.to(z.dtype)[:, None]).exp_().neg_()
     cols = targets.long() - v0
     inside = (cols >= 0) & (cols < x.shape[1])
-    z.scatter_add_(1, cols.clamp(0, x.shape[1] - 1)[:, None], inside.to(z.dtype)[:, None])
-    if softcap is not None:
-        z.mul_(tanh_sq.neg_().add_(1))
-    z.mul_((g.to(z.dtype) / temperature)[:, None])
+    g_t = g.to(z.dtype) / temperature
+    if softcap is None:  # g/T * onehot - (g/T) * p
+        z.sub_(lse.to(z.dtype)[:, None]).exp_().mul_(-g_t[:, None])
+        z.scatter_add_(1, cols.clamp(0, x.shape[1] - 1)[:, None], (g_t * inside)[:, None])
+    else:
+        tanh_sq = (z * (temperature / softcap)).square_()
+        z.sub_(lse.to(z.dtype)[:, None]).exp_().neg_()
+        z.scatter_add_(1, cols.clamp(0, x.shape[1] - 1)[:, None], inside.to(z.dtype)[:, None])
+        z.mul_(tanh_sq.neg_().add_(1)).mul_(g_t[:, None])
     if not in_place:
         x.copy_(z)
+
+
+def logprobs_and_grad_(x, bias, targets, x_t, loss_grad, temperature):
+    """The fused loss's tile, spanning the whole vocabulary, in the math dtype and without softcap, in four
+    passes: (lse, g) with g = loss_grad(x_t - lse) (None: no gradient wanted), and x <- dL/dx when g is given.
+    exp(z - max) stays in x between the two halves, and the softmax is that over its row sum."""
+    z = transform_(x, bias, temperature, None)
+    m = z.amax(dim=1)
+    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    s = z.sub_(safe[:, None]).exp_().sum(dim=1)
+    lse = safe + s.log()
+    g = loss_grad(x_t - lse)
+    if g is not None:
+        g_t = g.to(z.dtype) / temperature
+        z.mul_((-g_t / s)[:, None]).scatter_add_(1, targets.long()[:, None], g_t[:, None])
+    return lse, g
