@@ -50,9 +50,9 @@ def make_step(variant: str, checkpointing: bool) -> Step:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def loss_fused():
-        hidden, weight, bias = response_states(model, batch)
-        return linear_selective_loss(hidden, weight, batch.targets, batch.cu_seqlens, mask=mask, bias=bias,
-                                     loss="sepo")[0]
+        hidden, head = response_states(model, batch)
+        return linear_selective_loss(hidden, head.weight, batch.targets, batch.cu_seqlens, mask=mask, loss="sepo",
+                                     **head.op_kwargs())[0]
 
     def loss_full_logits():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -1,4 +1,4 @@
-"""What the ops take from a model (hidden states at the response positions, the output head), and the
+"""What the ops take from a model at the response positions (hidden states, the output head), and the
 per-token log-probs of many pairs computed from them over all processes. Never full logits."""
 
 from __future__ import annotations
@@ -9,24 +9,25 @@ from accelerate import Accelerator
 from .data import PairBatch, TokenizedPair, collate_pairs
 from .distributed import map_batches
 from .examples import split_packed
+from .head import LogitHead, last_hidden_states, read_head
 from .kernels import linear_logprobs
-from .models import last_hidden_states, output_head
 
 
-def response_states(model: torch.nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """([N, D] hidden states at the positions predicting each response token, head weight, head bias).
+def response_states(model: torch.nn.Module, pairs: PairBatch) -> tuple[torch.Tensor, LogitHead]:
+    """([N, D] hidden states at the positions predicting each response token, the model's head).
 
-    Under autocast (bf16 mixed precision) all three are cast to the autocast dtype, so the fused op runs
-    its matrix products in bf16 as the model's own layers do (a custom op is not autocast by itself, and
-    a Llama's residual stream, hence its last hidden states, stays float32); otherwise the head is cast to
-    the hidden states' dtype. The casts are differentiable: gradients reach the float32 parameters.
+    Every op call passes ``head.weight`` and ``**head.op_kwargs()``, so the log-probs are the model's own,
+    whatever transform its head applies (``selpo.head``). Under autocast (bf16 mixed precision) the hidden
+    states and the head's weight and bias are cast to the autocast dtype, so the fused op runs its matrix
+    products in bf16 as the model's own layers do (a custom op is not autocast by itself, and a Llama's
+    residual stream, hence its last hidden states, stays float32); otherwise the head is cast to the hidden
+    states' dtype. The casts are differentiable: gradients reach the float32 parameters.
     """
     hidden = last_hidden_states(model, pairs.input_ids, pairs.attention_mask).flatten(0, 1)[pairs.positions]
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         hidden = hidden.to(torch.get_autocast_dtype(device))
-    weight, bias = output_head(model)
-    return hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    return hidden, read_head(model).to(hidden.dtype)
 
 
 @torch.no_grad()
@@ -41,8 +42,8 @@ def pair_logps(accelerator: Accelerator, model, pairs: list[TokenizedPair], *, p
     def logps(chunk: list[TokenizedPair]):
         batch = collate_pairs(chunk, pad_id).to(accelerator.device)
         with accelerator.autocast():
-            hidden, weight, bias = response_states(model, batch)
-            values = linear_logprobs(hidden, weight, batch.targets, bias=bias, backend=backend)
+            hidden, head = response_states(model, batch)
+            values = linear_logprobs(hidden, head.weight, batch.targets, backend=backend, **head.op_kwargs())
         return split_packed(values.float().cpu(), batch.cu_seqlens.cpu())
 
     return map_batches(accelerator, pairs, batch_size, logps)

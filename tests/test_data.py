@@ -15,8 +15,8 @@ from hypothesis import strategies as st  # noqa: E402
 from selpo.data import (BatchSchedule, TokenizedPair, collate_pairs, default_data_path,  # noqa: E402
                         load_preference_dataset, tokenize_pairs)
 from selpo.kernels import linear_logprobs  # noqa: E402
-from selpo.models import (last_hidden_states, load_causal_lm, output_head, tiny_model_dir,  # noqa: E402
-                          tiny_tokenizer)
+from selpo.head import last_hidden_states, read_head  # noqa: E402
+from selpo.models import load_causal_lm, tiny_model_dir, tiny_tokenizer  # noqa: E402
 
 ROWS = [
     {"prompt": "Review a zoo.", "chosen": "A great zoo with lovely animals.", "rejected": "Dirty cages, sad animals."},
@@ -241,10 +241,10 @@ def test_packed_log_probs_equal_each_sequence_on_its_own(tmp_path, chat_tok):
     model, tokenizer = load_causal_lm(tiny_model_dir(tmp_path, tokenizer=chat_tok))
     pairs, _ = tokenize_pairs(datasets.Dataset.from_list(ROWS), tokenizer, max_length=256)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
-    weight, _ = output_head(model)
+    head = read_head(model)
     with torch.no_grad():
         hidden = last_hidden_states(model, batch.input_ids, batch.attention_mask).flatten(0, 1)[batch.positions]
-        got = linear_logprobs(hidden, weight, batch.targets, backend="torch")
+        got = linear_logprobs(hidden, head.weight, batch.targets, backend="torch", **head.op_kwargs())
         expected = []
         sequences = [(q.prompt_ids, q.chosen_ids) for q in pairs] + [(q.prompt_ids, q.rejected_ids) for q in pairs]
         for prompt, response in sequences:

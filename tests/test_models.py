@@ -8,8 +8,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from selpo import models  # noqa: E402
-from selpo.models import (last_hidden_states, load_causal_lm, load_tokenizer, output_head,  # noqa: E402
-                          resolve_model_path, tiny_model_dir, tiny_tokenizer)
+from selpo.head import last_hidden_states, read_head  # noqa: E402
+from selpo.models import (load_causal_lm, load_tokenizer, resolve_model_path, tiny_model_dir,  # noqa: E402
+                          tiny_tokenizer)
 
 
 
@@ -19,9 +20,10 @@ def tiny(tmp_path_factory):
 
 
 def head_logits(model, input_ids, attention_mask):
-    weight, bias = output_head(model)
-    logits = last_hidden_states(model, input_ids, attention_mask) @ weight.T
-    return logits if bias is None else logits + bias
+    head = read_head(model)
+    assert head.scale == 1.0 and head.softcap is None  # a Llama's head transforms nothing
+    logits = last_hidden_states(model, input_ids, attention_mask) @ head.weight.T
+    return logits if head.bias is None else logits + head.bias
 
 
 def random_batch(vocab, lengths):
@@ -54,9 +56,9 @@ def test_a_tokenizer_without_pad_pads_with_eos(tmp_path):
 @pytest.mark.parametrize("tied", [True, False])
 def test_hidden_states_through_the_head_are_the_logits(tmp_path, tied):
     model, tokenizer = load_causal_lm(tiny_model_dir(tmp_path, tie_word_embeddings=tied, seed=3))
-    weight, bias = output_head(model)
-    assert bias is None
-    assert (weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == tied
+    head = read_head(model)
+    assert head.bias is None and head.plain
+    assert (head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == tied
     ids, mask = random_batch(len(tokenizer), [7, 3, 5])
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
@@ -64,24 +66,24 @@ def test_hidden_states_through_the_head_are_the_logits(tmp_path, tied):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_output_head_with_bias(tiny):
+def test_read_head_with_bias(tiny):
     model, tokenizer = load_causal_lm(tiny)
     d, v = model.config.hidden_size, len(tokenizer)
     model.lm_head = torch.nn.Linear(d, v, bias=True)
     torch.nn.init.normal_(model.lm_head.bias)
-    weight, bias = output_head(model)
-    assert bias is model.lm_head.bias and weight is model.lm_head.weight
+    head = read_head(model)
+    assert head.bias is model.lm_head.bias and head.weight is model.lm_head.weight and not head.plain
     ids, mask = random_batch(v, [4, 6])
     with torch.no_grad():
         torch.testing.assert_close(head_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits,
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_output_head_rejects_a_non_linear_head(tiny):
+def test_read_head_rejects_a_non_linear_head(tiny):
     model, _ = load_causal_lm(tiny)
     model.lm_head = torch.nn.Identity()
-    with pytest.raises(TypeError, match="linear output head"):
-        output_head(model)
+    with pytest.raises(TypeError, match="model: expected a linear output head"):
+        read_head(model)
 
 
 def test_right_padding_leaves_real_positions_unchanged(tiny):

@@ -98,9 +98,9 @@ def test_methods_run_the_ops_in_bf16_under_autocast(tiny, dpo_examples):
     batch = collate(dpo_examples[:4], tokenizer.pad_token_id)
     full, _ = DPO(beta=0.3, backend="torch").loss(model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden, weight, _ = response_states(model, batch.pairs)
+        hidden, head = response_states(model, batch.pairs)
         loss, _ = DPO(beta=0.3, backend="torch").loss(model, batch)
-    assert hidden.dtype == weight.dtype == torch.bfloat16
+    assert hidden.dtype == head.weight.dtype == torch.bfloat16
     assert loss.dtype == torch.float32 and abs(loss.item() - full.item()) < 0.05
     loss.backward()
     head = model.get_output_embeddings().weight
@@ -228,11 +228,11 @@ class NextTokenLikelihood:
     """A method defined outside selpo: plain likelihood of the chosen responses, through a fused op."""
 
     def loss(self, model, batch):
-        hidden, weight, bias = response_states(model, batch.pairs)
+        hidden, head = response_states(model, batch.pairs)
         cu = batch.pairs.cu_seqlens
         num_pairs = (cu.shape[0] - 1) // 2
         weights = (torch.arange(hidden.shape[0]) < cu[num_pairs]).float()  # chosen tokens only
-        logps = linear_logprobs(hidden, weight, batch.pairs.targets, bias=bias, backend="torch")
+        logps = linear_logprobs(hidden, head.weight, batch.pairs.targets, backend="torch", **head.op_kwargs())
         loss, _ = weighted_nll(logps, weights, cu, backend="torch")
         return loss, {"nll": loss.detach().reshape(1)}
 

@@ -1,7 +1,8 @@
 """What a training method is: how a batch becomes a loss. The loop (``selpo.trainer``) knows nothing else.
 
 A method reads the policy's last hidden states at the response positions and its output head
-(``selpo.logprobs.response_states``) and hands them to a fused op: no method ever builds full logits.
+(``selpo.logprobs.response_states``) and hands them to a fused op, the head's weight with
+``**head.op_kwargs()`` (its bias and logit transform, ``selpo.head``): no method ever builds full logits.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ class DPO:
     backend: str = "auto"
 
     def loss(self, model, batch):
-        hidden, weight, bias = response_states(model, batch.pairs)
-        return linear_selective_loss(hidden, weight, batch.pairs.targets, batch.pairs.cu_seqlens, loss="dpo",
-                                     ref_logps=batch.extras["ref_logps"], bias=bias, beta=self.beta,
-                                     backend=self.backend)
+        hidden, head = response_states(model, batch.pairs)
+        return linear_selective_loss(hidden, head.weight, batch.pairs.targets, batch.pairs.cu_seqlens, loss="dpo",
+                                     ref_logps=batch.extras["ref_logps"], beta=self.beta, backend=self.backend,
+                                     **head.op_kwargs())
 
 
 def with_reference_logps(accelerator: Accelerator, reference, examples: list[Example], *, pad_id: int,

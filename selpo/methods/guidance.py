@@ -48,9 +48,9 @@ class RewardWeightedLikelihood:
 
     def loss(self, model, batch):
         pairs = batch.pairs
-        hidden, weight, bias = response_states(model, pairs)
-        return linear_selective_loss(hidden, weight, pairs.targets, pairs.cu_seqlens, loss="weighted_nll",
-                                     weights=batch.extras["weights"], bias=bias, backend=self.backend)
+        hidden, head = response_states(model, pairs)
+        return linear_selective_loss(hidden, head.weight, pairs.targets, pairs.cu_seqlens, loss="weighted_nll",
+                                     weights=batch.extras["weights"], backend=self.backend, **head.op_kwargs())
 
 
 @torch.no_grad()

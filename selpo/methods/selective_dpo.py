@@ -37,8 +37,8 @@ class SelectiveDPO:
 
     def loss(self, model, batch):
         pairs, ref_logps = batch.pairs, batch.extras["ref_logps"]
-        hidden, weight, bias = response_states(model, pairs)
-        logps = linear_logprobs(hidden, weight, pairs.targets, bias=bias, backend=self.backend)
+        hidden, head = response_states(model, pairs)
+        logps = linear_logprobs(hidden, head.weight, pairs.targets, backend=self.backend, **head.op_kwargs())
         scores = selection_scores(logps, ref_logps, pairs.cu_seqlens)
         mask = topk_mask(scores, pairs.cu_seqlens, self.ratio, largest=True, backend=self.backend)
         loss, metrics = dpo_loss(logps, ref_logps, pairs.cu_seqlens, beta=self.beta, mask=mask, backend=self.backend)

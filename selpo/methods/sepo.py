@@ -20,7 +20,7 @@ class SePO:
     backend: str = "auto"
 
     def loss(self, model, batch):
-        hidden, weight, bias = response_states(model, batch.pairs)
-        return linear_selective_loss(hidden, weight, batch.pairs.targets, batch.pairs.cu_seqlens,
-                                     mask=batch.extras["mask"], loss="sepo", bias=bias, gamma=self.gamma,
-                                     margin=self.margin, backend=self.backend)
+        hidden, head = response_states(model, batch.pairs)
+        return linear_selective_loss(hidden, head.weight, batch.pairs.targets, batch.pairs.cu_seqlens,
+                                     mask=batch.extras["mask"], loss="sepo", gamma=self.gamma, margin=self.margin,
+                                     backend=self.backend, **head.op_kwargs())

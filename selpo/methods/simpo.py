@@ -17,6 +17,6 @@ class SimPO:
     backend: str = "auto"
 
     def loss(self, model, batch):
-        hidden, weight, bias = response_states(model, batch.pairs)
-        return linear_selective_loss(hidden, weight, batch.pairs.targets, batch.pairs.cu_seqlens, loss="simpo",
-                                     bias=bias, beta=self.beta, gamma=self.gamma, backend=self.backend)
+        hidden, head = response_states(model, batch.pairs)
+        return linear_selective_loss(hidden, head.weight, batch.pairs.targets, batch.pairs.cu_seqlens, loss="simpo",
+                                     beta=self.beta, gamma=self.gamma, backend=self.backend, **head.op_kwargs())

@@ -1,7 +1,8 @@
 """Stage ``score``: SePO's token rewards and key tokens for every training pair.
 
 The reward of a response token is ``log p_oracle - log p_initial`` (``token_scores``, one pass over both
-models' hidden states, no logits kept). Per response, ``topk_mask`` keeps the key tokens: the highest
+models' hidden states, no logits kept; two ``linear_logprobs`` calls when a head has a bias or a logit
+transform, which ``token_scores`` does not take). Per response, ``topk_mask`` keeps the key tokens: the highest
 rewards of a chosen response (``score.chosen_ratio`` of its tokens) and the lowest of a rejected one
 (``score.rejected_ratio``). Scores and masks are saved with the pairs in ``score/scored.jsonl``, which
 the ``train`` stage trains on and the report displays.
@@ -47,15 +48,17 @@ def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[Tokeniz
     def score(chunk: list[TokenizedPair]):
         batch = collate_pairs(chunk, pad_id).to(accelerator.device)
         with accelerator.autocast():
-            h_oracle, w_oracle, b_oracle = response_states(oracle, batch)
-            h_ref, w_ref, b_ref = response_states(reference, batch)
+            h_oracle, oracle_head = response_states(oracle, batch)
+            h_ref, ref_head = response_states(reference, batch)
         # Rewards are ranked, so they are computed in float32 (bf16 rounding would make ties).
-        h_oracle, w_oracle, h_ref, w_ref = (t.float() for t in (h_oracle, w_oracle, h_ref, w_ref))
-        if b_oracle is None and b_ref is None:
-            scores = token_scores(h_oracle, w_oracle, h_ref, w_ref, batch.targets, backend=backend)
-        else:  # token_scores takes no output bias
-            scores = (linear_logprobs(h_oracle, w_oracle, batch.targets, bias=b_oracle, backend=backend)
-                      - linear_logprobs(h_ref, w_ref, batch.targets, bias=b_ref, backend=backend))
+        h_oracle, h_ref = h_oracle.float(), h_ref.float()
+        oracle_head, ref_head = oracle_head.to(torch.float32), ref_head.to(torch.float32)
+        if oracle_head.plain and ref_head.plain:
+            scores = token_scores(h_oracle, oracle_head.weight, h_ref, ref_head.weight, batch.targets, backend=backend)
+        else:  # token_scores takes no output bias, scale or soft-cap
+            scores = (linear_logprobs(h_oracle, oracle_head.weight, batch.targets, backend=backend,
+                                      **oracle_head.op_kwargs())
+                      - linear_logprobs(h_ref, ref_head.weight, batch.targets, backend=backend, **ref_head.op_kwargs()))
         mask = select(scores, batch.cu_seqlens, chosen_ratio, rejected_ratio, backend)
         cu = batch.cu_seqlens.cpu()
         return list(zip(split_packed(scores.cpu(), cu), split_packed(mask.cpu(), cu)))
