@@ -1,33 +1,50 @@
 #!/usr/bin/env bash
-# The GPU check in one call: the op tests on CUDA (Triton compiled, not interpreted), then the GPU benchmark
-# suite. Run from the repository root on a machine with a CUDA GPU and selpo[test,bench] installed:
+# The GPU check in one call, sized for about 8 minutes on one H100 or H200. Run from the repository root on a
+# machine with a CUDA GPU and selpo[test,bench] importable (benchmarks/GPU-NOTES.md: how a lease is run here):
 #
-#     bash benchmarks/gpu_check.sh [OUT_DIR] [TEST_SECONDS] [BENCH_SECONDS]
+#     bash benchmarks/gpu_check.sh [OUT_DIR] [TOTAL_SECONDS]
 #
-# Each stage runs under its own time limit, so a short lease still brings back the tests' log and the benchmark
-# records written so far (results-cuda.jsonl, one record per case and implementation, in plan order: the
-# headline cases first). pytest-xdist runs the tests in 8 processes.
+# In order, each under its own time limit so that a short lease still brings back what ran:
+#   1. the GPU's ceilings (cuBLAS bf16 matmul at the headline shape, a 2 GiB copy), and each op at the headline
+#      shape timed beside the cost ledger's prediction at those ceilings (ledger-measured.md), next to the
+#      prediction at the nominal rates (ledger-predicted.md);
+#   2. the op tests on CUDA: every path against its float64 reference, outputs poisoned before the kernels
+#      write them, Triton compiled (tests-cuda.log);
+#   3. the benchmark suite's headline cases (selpo against naive, naive under torch.compile, Liger, CCE), then
+#      the sweeps as time allows; records in results-cuda.jsonl, report RESULTS-cuda.md.
+# SELPO_GPU_BENCH_ARGS replaces the suite's default selection (e.g. "--cases=... --impls=...").
 set -uo pipefail
 out=${1:-benchmarks/gpu}
-test_s=${2:-900}
-bench_s=${3:-3600}
+total=${2:-470}
+start=$SECONDS
+left() { echo $(( total - (SECONDS - start) )); }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
-# The op tests: every kernel against its float64 reference, on the GPU.
-tests=${SELPO_GPU_TESTS:-"tests/test_linear_logprobs.py tests/test_logits_logprobs.py tests/test_losses.py
-    tests/test_selective_loss.py tests/test_segment_sum.py tests/test_token_scores.py tests/test_topk_mask.py
-    tests/test_ranking_loss.py tests/test_methods.py"}
-SELPO_TEST_DEVICE=cuda timeout "$test_s" python3 -m pytest -p no:cacheprovider -q -n 8 $tests > "$out/tests-cuda.log" 2>&1
-echo "tests exit code $?"
-tail -n 25 "$out/tests-cuda.log"
+# 1. Ceilings and predictions beside measurements (about a minute).
+python3 -m benchmarks.ledger | tee "$out/ledger-predicted.md"
+timeout 150 python3 -m benchmarks.ledger --measure 2>&1 | tee "$out/ledger-measured.md"
 
-# The benchmarks; SELPO_GPU_BENCH_ARGS can narrow them (--cases=..., --impls=...) to fit a lease.
-timeout "$bench_s" python3 -m benchmarks.run --device cuda --out "$out" ${SELPO_GPU_BENCH_ARGS:-} > "$out/bench.log" 2>&1
-code=$?
-echo "benchmarks exit code $code"
-if [ "$code" = 124 ]; then  # stopped at its limit: the report of the records written so far
-    python3 -m benchmarks.run --device cuda --out "$out" --from-records >> "$out/bench.log" 2>&1
+# 2. The op tests on the GPU (about a minute and a half with 8 processes).
+tests="tests/test_linear_logprobs.py tests/test_token_scores.py tests/test_selective_loss.py tests/test_syncs.py
+    tests/test_logits_logprobs.py tests/test_losses.py tests/test_segment_sum.py tests/test_topk_mask.py
+    tests/test_ranking_loss.py"
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+SELPO_TEST_DEVICE=cuda timeout 150 python3 -m pytest -p no:cacheprovider -q $workers $tests > "$out/tests-cuda.log" 2>&1
+echo "tests exit code $?"
+tail -n 15 "$out/tests-cuda.log"
+
+# 3. The benchmarks, headline cases first, for what is left of the time.
+budget=$(left)
+if [ "$budget" -gt 30 ]; then
+    timeout "$budget" python3 -m benchmarks.run --device cuda --out "$out" \
+        ${SELPO_GPU_BENCH_ARGS:---cases=N16384-D4096-V128256} > "$out/bench.log" 2>&1
+    code=$?
+    echo "benchmarks exit code $code"
+    if [ "$code" = 124 ]; then  # stopped at its limit: the report of the records written so far
+        python3 -m benchmarks.run --device cuda --out "$out" --from-records >> "$out/bench.log" 2>&1
+    fi
+    tail -n 25 "$out/bench.log"
 fi
-tail -n 15 "$out/bench.log"
+echo "gpu_check took $(( SECONDS - start )) s"

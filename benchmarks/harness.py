@@ -120,8 +120,9 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def floor_step(pairs, products) -> Step:
     """The N x D x V matmuls an op over these (rows [n, D], weight [V, D]) pairs cannot avoid, alone:
-    ``products`` among "logits" (rows @ weight.T), "grad_hidden" (G @ weight), "grad_weight" (G.T @ rows),
-    each written into a preallocated buffer. G holds random values (never denormals) for a backward alone."""
+    ``products``, in order and with repeats, among "logits" (rows @ weight.T), "grad_hidden" (G @ weight) and
+    "grad_weight" (G.T @ rows), each written into a preallocated buffer. G holds random values (never
+    denormals) for a backward alone."""
     bufs = []
     for rows, weight in pairs:
         logits = torch.randn(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
@@ -129,12 +130,13 @@ def floor_step(pairs, products) -> Step:
 
     def timed():
         for rows, weight, logits, grad_rows, grad_weight in bufs:
-            if "logits" in products:
-                torch.mm(rows, weight.T, out=logits)
-            if "grad_hidden" in products:
-                torch.mm(logits, weight, out=grad_rows)
-            if "grad_weight" in products:
-                torch.mm(logits.T, rows, out=grad_weight)
+            for product in products:
+                if product == "logits":
+                    torch.mm(rows, weight.T, out=logits)
+                elif product == "grad_hidden":
+                    torch.mm(logits, weight, out=grad_rows)
+                else:
+                    torch.mm(logits.T, rows, out=grad_weight)
         return {}
 
     return Step(timed=timed)

@@ -9,6 +9,7 @@ each pass differs (tests/test_ledger.py checks that both record the same launche
 
     python -m benchmarks.ledger                       # headline: bf16, N=16384, D=4096, V=128256, H100 and H200
     python -m benchmarks.ledger --n 16384 --d 576 --v 49152
+    python -m benchmarks.ledger --measure             # on a GPU: its ceilings, then each op timed beside its prediction
 """
 
 from __future__ import annotations
@@ -62,6 +63,33 @@ def dry(fn) -> ledger.Ledger:
     return book
 
 
+def op_calls(hidden, weight, targets, cu, mask, backend: str) -> dict:
+    """name -> (a call of the op, its floor in multiples of one all-rows GEMM): what the ledger costs and
+    ``--measure`` times."""
+    n = hidden.shape[0]
+    share = float(mask.sum()) / n
+    fraction = f"{round(100 * share)}%"
+
+    def forward():
+        with torch.no_grad():
+            linear_logprobs(hidden, weight, targets, backend=backend)
+
+    def forward_backward():
+        logp = linear_logprobs(hidden, weight, targets, backend=backend)
+        torch.autograd.grad(logp, (hidden, weight), torch.ones_like(logp))
+
+    def sepo():
+        loss, _ = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss="sepo", backend=backend)
+        torch.autograd.grad(loss, (hidden, weight))
+
+    def scores():  # topk_mask then reads the [N] scores once: nothing next to this
+        h, w = hidden.detach(), weight.detach()
+        token_scores(h, w, h, w, targets, backend=backend)
+
+    return {"linear_logprobs forward": (forward, 1), "linear_logprobs forward+backward": (forward_backward, 4),
+            f"SePO loss, {fraction} selected, forward+backward": (sepo, 3 * share), "token_scores": (scores, 2)}
+
+
 def cost_ops(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16, ratio: float = 0.3) -> list[Costed]:
     """The ledger of every op at this shape (torch backend: see the module docstring)."""
     hidden, weight, targets, cu, mask = inputs(n, d, v, dtype, ratio)
@@ -72,34 +100,17 @@ def cost_ops(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16, ratio:
     # (Measured on an H100 at the headline shape: 15.7 GiB forward, 22.4 GiB forward+backward.)
     naive, naive_bwd = 2 * n * v * 4, n * v * (4 + 4 + dtype.itemsize)
 
-    def forward():
-        with torch.no_grad():
-            linear_logprobs(hidden, weight, targets, backend="torch")
-
-    def forward_backward():
-        logp = linear_logprobs(hidden, weight, targets, backend="torch")
-        torch.autograd.grad(logp, (hidden, weight), torch.ones_like(logp))
-
     def backward_selected():
         with ledger.counting(dry_run=True, device="cuda"):  # the forward is not part of this measure
             logp = linear_logprobs(hidden, weight, targets, backend="torch")
         torch.autograd.grad(logp, (hidden, weight), mask.float())
 
-    def sepo():
-        loss, _ = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss="sepo", backend="torch")
-        torch.autograd.grad(loss, (hidden, weight))
-
-    def scores():  # topk_mask then reads the [N] scores once: nothing next to this
-        token_scores(hidden.detach(), weight.detach(), hidden.detach(), weight.detach(), targets, backend="torch")
-
-    fraction = f"{round(100 * selected / n)}%"
-    return [Costed("linear_logprobs forward", dry(forward), gemm, naive),
-            Costed("linear_logprobs forward+backward", dry(forward_backward), 4 * gemm, naive_bwd),
-            Costed(f"linear_logprobs backward, {fraction} of rows", dry(backward_selected), 3 * gemm * selected // n,
-                   naive_bwd),
-            Costed(f"SePO loss, {fraction} selected, forward+backward", dry(sepo), 3 * gemm * selected // n,
-                   naive_bwd),
-            Costed("token_scores", dry(scores), 2 * gemm, naive)]
+    calls = op_calls(hidden, weight, targets, cu, mask, "torch")
+    costed = [Costed(name, dry(fn), round(multiple * gemm), naive_bwd if "backward" in name else naive)
+              for name, (fn, multiple) in calls.items()]
+    costed.insert(2, Costed(f"linear_logprobs backward, {round(100 * selected / n)}% of rows", dry(backward_selected),
+                            3 * gemm * selected // n, naive_bwd))
+    return costed
 
 
 def gib(b: float) -> str:
@@ -119,13 +130,67 @@ def table(costed: list[Costed]) -> str:
     return "\n".join(lines)
 
 
+def cuda_median(fn, rounds: int = 5, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` on the current CUDA device (events around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(n: int, d: int, v: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s, copy bytes/s) measured on this GPU: the [n, d] x [d, v] product into a preallocated
+    buffer, and a 2 GiB device-to-device copy."""
+    a = torch.randn(n, d, device="cuda", dtype=dtype)
+    b = torch.randn(v, d, device="cuda", dtype=dtype)
+    out = torch.empty(n, v, device="cuda", dtype=dtype)
+    flops = 2 * n * d * v / cuda_median(lambda: torch.mm(a, b.T, out=out))
+    del a, b, out
+    src = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 2 / cuda_median(lambda: dst.copy_(src))
+    return flops, bandwidth
+
+
+def measure(n: int, d: int, v: int, dtype: torch.dtype, ratio: float) -> str:
+    """On a GPU: its ceilings, then each op (triton backend) timed beside the ledger's prediction at them."""
+    flops, bandwidth = ceilings(n, d, v, dtype)
+    GPUS["measured"] = (flops, bandwidth)
+    costed = {c.name: c for c in cost_ops(n, d, v, dtype, ratio)}
+    targets, cu, mask = (t.cuda() for t in inputs(n, d, v, dtype, ratio)[2:])
+    hidden = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, device="cuda") * 0.02).to(dtype).requires_grad_()
+    lines = [f"{torch.cuda.get_device_name()}: matmul {flops / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s "
+             f"(measured)\n", "| op | measured | predicted at the measured ceilings | measured / predicted | "
+             "measured / floor | peak memory |", "|---|---|---|---|---|---|"]
+    for name, (fn, _) in op_calls(hidden, weight, targets, cu, mask, "triton").items():
+        torch.cuda.reset_peak_memory_stats()
+        seconds = cuda_median(fn)
+        c = costed[name]
+        predicted, floor = c.predicted("measured"), c.floor("measured")
+        lines.append(f"| {name} | {seconds * 1e3:.1f} ms | {predicted * 1e3:.1f} ms | {seconds / predicted:.2f}× | "
+                     f"{seconds / floor:.2f}× | {gib(torch.cuda.max_memory_allocated())} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, value in HEADLINE.items():
         parser.add_argument(f"--{key}", type=int, default=value)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--ratio", type=float, default=0.3, help="share of tokens the selective loss keeps")
+    parser.add_argument("--measure", action="store_true", help="on a CUDA GPU: time each op beside its prediction")
     args = parser.parse_args(argv)
+    if args.measure:
+        print(measure(args.n, args.d, args.v, getattr(torch, args.dtype), args.ratio))
+        return
     costed = cost_ops(args.n, args.d, args.v, getattr(torch, args.dtype), args.ratio)
     print(f"Predicted GPU route at N={args.n}, D={args.d}, V={args.v}, {args.dtype} (rates: "
           + ", ".join(f"{g} {f / 1e12:.0f} TFLOP/s, {b / 1e12:.1f} TB/s" for g, (f, b) in GPUS.items()) + ")\n")
