@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from selpo.kernels import ledger
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Largest accepted max|out - ref| / max|ref| against float64 math on the same (already rounded) inputs.
@@ -213,6 +215,7 @@ def measure_peak(step: Step, device: str) -> dict:
     if warm:
         step.run()
         step.clear()
+        ledger.release_buffers()  # selpo's kept work buffers are workspace: the measured run allocates them again
         gc.collect()
         _reset_high_water_mark()
     base = _status_kib("VmRSS")

@@ -23,7 +23,8 @@ import torch
 
 @dataclass
 class Entry:
-    """One launch: a GEMM (``flops`` > 0) or a memory-bound pass, and the bytes it reads and writes.
+    """One launch: a GEMM (``flops`` > 0), a memory-bound pass or a collective ("comm"), and the bytes it reads
+    and writes (a collective: the bytes of the tensor it reduces).
 
     ``extra_bytes`` is what a GEMM moves beyond a plain GEMM into a fresh output: the accumulator it reads
     back when it adds into its output."""
@@ -62,11 +63,16 @@ class Ledger:
     def bytes(self) -> int:
         return sum(e.bytes for e in self.entries)
 
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes sent into collectives (all-reduces of a vocabulary-parallel head), left out of ``predict``."""
+        return sum(e.bytes for e in self.entries if e.kind == "comm")
+
     def predict(self, flops_per_s: float, bytes_per_s: float) -> float:
         """Seconds at a GPU's measured rates: a GEMM at the slower of its arithmetic at the matmul rate and
         its traffic at the bandwidth (an accumulator it reads back comes on top), a pass at the bandwidth."""
         return sum(max(e.flops / flops_per_s, (e.bytes - e.extra_bytes) / bytes_per_s) + e.extra_bytes / bytes_per_s
-                   for e in self.entries)
+                   for e in self.entries if e.kind != "comm")
 
 
 _stack: list[Ledger] = []
@@ -128,12 +134,23 @@ def record_pass(name: str, reads: tuple = (), writes: tuple = ()) -> None:
         _stack[-1].entries.append(Entry(name, "pass", 0, sum(map(nbytes, reads)) + sum(map(nbytes, writes))))
 
 
+def record_comm(name: str, t: torch.Tensor) -> None:
+    """A collective over ``t`` (its bytes, as each process sends them in)."""
+    if _stack:
+        _stack[-1].entries.append(Entry(name, "comm", 0, nbytes(t)))
+
+
 def dry_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """A tensor of ``shape`` backed by one row (row stride 0): what a dry run hands the ops."""
     return torch.zeros(shape[-1], dtype=dtype, device=device).as_strided(shape, (0,) * (len(shape) - 1) + (1,))
 
 
 _kept: dict[tuple, torch.Tensor] = {}
+
+
+def release_buffers() -> None:
+    """Frees the work buffers kept between calls on a CPU (see ``workspace``); the next call allocates them again."""
+    _kept.clear()
 
 
 def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fill: float | None = None,
@@ -143,7 +160,8 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, 
 
     A ``name``d buffer on a CPU is kept between calls (per thread, grown as needed) and handed out again: the
     C allocator returns big blocks to the system on free, and touching fresh pages again on every call costs
-    about a tenth of a GEMM-bound step. CUDA's caching allocator already reuses device memory."""
+    about a tenth of a GEMM-bound step. CUDA's caching allocator already reuses device memory. They stay
+    allocated until ``release_buffers()``."""
     size = torch.Size(shape)
     if _stack:
         book = _stack[-1]

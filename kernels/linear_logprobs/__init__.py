@@ -9,12 +9,13 @@ from ..backend import resolve_backend
 from ..dtypes import acc_dtype
 from ..streaming.logprobs import row_grads, row_logprobs
 from ..streaming.passes import Passes
+from ..streaming.shard import split_head
 from .naive import linear_logprobs_naive
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                    softcap: float | None = None, backend: str = "auto") -> torch.Tensor:
+                    softcap: float | None = None, backend: str = "auto", process_group=None) -> torch.Tensor:
     """Log-probability of each target token under a linear output head.
 
     Computes ``log_softmax(softcap(hidden @ weight.T + bias) / temperature)[i, targets[i]]`` where
@@ -29,6 +30,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         temperature: logits are divided by it (> 0).
         softcap: optional tanh soft-capping of the logits (> 0), as in Gemma 2.
         backend: "auto", "triton", "torch" or "naive" (see ``selpo.kernels.backend``).
+        process_group: the head is sharded over this group along the vocabulary: ``weight`` (and ``bias``)
+            hold this process's rows, laid out by rank, and every process passes the same hidden rows and
+            targets (ids in the whole vocabulary). A DTensor weight sharded on dim 0 gives its own group.
+            Each process gets every row's log-prob and its own shard's weight gradient; per call the forward
+            all-reduces two fp32 vectors of the rows computed ([n] and [2, n]) and the backward one fp32
+            [n, D] hidden gradient (``selpo.kernels.streaming.shard``). Not with the naive backend.
 
     Returns:
         [N] float32 log-probabilities (float64 for float64 inputs), differentiable w.r.t. hidden,
@@ -38,6 +45,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     checks.check_float("hidden", hidden, 2)
     checks.check_float("weight", weight, 2)
+    weight, shard = split_head(weight, process_group)
     n, d = hidden.shape
     if weight.shape[1] != d:
         raise ValueError(f"weight must have shape [V, D={d}], got {tuple(weight.shape)}")
@@ -46,18 +54,21 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if bias is not None:
         checks.check_float("bias", bias, 1)
         checks.check_length("bias", bias, weight.shape[0], "V")
-    checks.check_targets(targets, n, weight.shape[0], ignore_index)
+    checks.check_targets(targets, n, weight.shape[0] if shard is None else shard.vocab, ignore_index)
     checks.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     checks.check_same_dtype(hidden=hidden, weight=weight, bias=bias)
     checks.check_positive("temperature", temperature)
     if softcap is not None:
         checks.check_positive("softcap", softcap)
     which = resolve_backend(backend, hidden.device)
+    if which == "naive" and shard is not None:
+        raise ValueError("process_group: the naive backend builds full logits on one process; use torch or triton")
     if which == "naive":
         return linear_logprobs_naive(hidden, weight, targets, bias, ignore_index, temperature, softcap)
     if which == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden: the triton backend takes float32, bfloat16 or float16, got float64")
-    return LinearLogprobs.apply(hidden, weight, targets, bias, ignore_index, float(temperature), softcap, which)
+    return LinearLogprobs.apply(hidden, weight, targets, bias, ignore_index, float(temperature), softcap, which,
+                                shard)
 
 
 def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -69,31 +80,31 @@ class LinearLogprobs(torch.autograd.Function):
     """Saves the inputs and the N log-sum-exps; the backward recomputes logits only for rows with gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, which):
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, which, shard):
         hidden, weight, bias, targets = unit_stride(hidden), unit_stride(weight), unit_stride(bias), targets.contiguous()
         acc = acc_dtype(hidden.dtype)
         rows = torch.nonzero(targets != ignore_index).squeeze(1)  # the call's one host synchronisation
         logp = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.zeros_like(logp)
         passes = Passes(which, temperature, softcap)
-        logp[rows], lse[rows] = row_logprobs(passes, hidden, weight, bias, rows, targets.index_select(0, rows))
+        logp[rows], lse[rows] = row_logprobs(passes, hidden, weight, bias, rows, targets.index_select(0, rows), shard)
         ctx.save_for_backward(hidden, weight, targets, bias, lse)
-        ctx.options = (ignore_index, passes)
+        ctx.options = (ignore_index, passes, shard)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, bias, lse = ctx.saved_tensors
-        ignore_index, passes = ctx.options
+        ignore_index, passes, shard = ctx.options
         need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
         g = grad_logp.to(lse.dtype)
         # Only rows that carry gradient are recomputed: a loss over 30% of the tokens costs ~30% of a full backward.
         rows = torch.nonzero((g != 0) & (targets != ignore_index)).squeeze(1)
         grads = gradient_buffers(hidden, weight, bias, rows.numel() > 0, need_h, need_w, need_b)
         row_grads(passes, g.index_select(0, rows), hidden, weight, bias, rows, targets.index_select(0, rows),
-                  lse.index_select(0, rows), grads)
+                  lse.index_select(0, rows), grads, shard)
         grad_hidden, grad_weight, grad_bias = grads
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
 
 
 def gradient_buffers(hidden, weight, bias, any_row, need_hidden, need_weight, need_bias):

@@ -10,6 +10,7 @@ from ..linear_logprobs import unit_stride
 from ..losses import common
 from ..streaming.fused_loss import AttachGradients, selective_loss_fused
 from ..streaming.passes import Passes
+from ..streaming.shard import split_head
 from ..topk_mask import topk_mask
 from .compact import compact_boundaries
 from .losses import LOSSES, PAIRWISE, check_options
@@ -22,7 +23,7 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           largest: bool | torch.Tensor | None = None, loss: str = "sepo",
                           ref_logps: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                           bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                          softcap: float | None = None, backend: str = "auto", **loss_options):
+                          softcap: float | None = None, backend: str = "auto", process_group=None, **loss_options):
     """A preference loss over selected response tokens, computed from hidden states without full logits.
 
     Log-probs are computed only for the tokens the loss reads: the selected ones. The loss and the gradients
@@ -50,6 +51,10 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         weights: [N] token weights for "weighted_nll".
         temperature, softcap, ignore_index: as in ``linear_logprobs``.
         backend: "auto", "triton", "torch" or "naive" (the naive path builds full logits: the reference).
+        process_group: the head is sharded over this group along the vocabulary, as in ``linear_logprobs``
+            (a DTensor weight gives its own): every process computes the same loss; per chunk of pairs the
+            log-probs are combined in two all-reduces of fp32 [rows] vectors and the hidden gradient in one of
+            fp32 [rows, D]; each process keeps its shard's weight gradient.
 
     Returns:
         (loss, metrics): the 0-dim mean loss over pairs (or sequences for weighted_nll), differentiable
@@ -58,10 +63,17 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     checks.check_float("hidden", hidden, 2)
     checks.check_float("weight", weight, 2)
+    weight, shard = split_head(weight, process_group)
     n = hidden.shape[0]
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must have shape [V, D={hidden.shape[1]}], got {tuple(weight.shape)}")
-    checks.check_targets(targets, n, weight.shape[0], ignore_index)
+    if bias is not None:
+        checks.check_float("bias", bias, 1)
+        checks.check_length("bias", bias, weight.shape[0], "V")
+    checks.check_positive("temperature", temperature)
+    if softcap is not None:
+        checks.check_positive("softcap", softcap)
+    checks.check_targets(targets, n, weight.shape[0] if shard is None else shard.vocab, ignore_index)
     checks.check_same_device(hidden=hidden, weight=weight, targets=targets, cu_seqlens=cu_seqlens)
     num_segments = checks.check_cu_seqlens(cu_seqlens, n)
     if loss not in LOSSES:
@@ -100,6 +112,8 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         common.token_counts(cu_seqlens, selected)  # a mean over no selected token: ValueError naming mask
     options = check_options(loss, loss_options)
     which = resolve_backend(backend, hidden.device)
+    if which == "naive" and shard is not None:
+        raise ValueError("process_group: the naive backend builds full logits on one process; use torch or triton")
     if which == "naive":
         value, metrics = selective_loss_naive(hidden, weight, targets, cu_seqlens, selected, loss, ref_logps, weights,
                                               bias, ignore_index, temperature, softcap, options)
@@ -113,7 +127,7 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     cu_sel = compact_boundaries(selected, cu_seqlens)
     loss_value, metrics, grads = selective_loss_fused(
         Passes(which, temperature, softcap), *(None if t is None else unit_stride(t.detach()) for t in (hidden, weight, bias)), targets,
-        cu_sel.tolist(), rows, loss, pairwise, ref_logps, weights, options, need)
+        cu_sel.tolist(), rows, loss, pairwise, ref_logps, weights, options, need, shard)
     metrics["selected"] = cu_sel.diff()
     value = AttachGradients.apply(loss_value, grads, hidden, weight, bias) if any(need) else loss_value
     return value, metrics

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 from .. import ledger
+from ..dtypes import acc_dtype
 from ..selective_loss.losses import selected_loss
 from . import launch, plan
-from .logprobs import flat_view
+from .logprobs import flat_view, shard_targets
 from .passes import Passes
 
 
@@ -35,9 +36,11 @@ def unit_groups(units_rows: list[int], limit: int) -> list[tuple[int, int]]:
 
 @ledger.scoped
 def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, rows, name, pairwise, ref_logps,
-                         weights, options, need_grads):
+                         weights, options, need_grads, shard=None):
     """(loss, metrics, (grad_hidden, grad_weight, grad_bias)) of the loss over the selected rows ``rows``
-    (sorted indices into hidden), whose segments are bounded by ``cu_sel`` (a list of ints, [S+1])."""
+    (sorted indices into hidden), whose segments are bounded by ``cu_sel`` (a list of ints, [S+1]). With a
+    ``shard``, weight and bias are this process's vocabulary shard: the log-probs are combined over the
+    processes before the loss, and each chunk's hidden gradient is summed over them (in fp32)."""
     (v, d), dtype = weight.shape, hidden.dtype
     seg_rows = [b - a for a, b in zip(cu_sel[:-1], cu_sel[1:])]
     num_units = len(seg_rows) // 2 if pairwise else len(seg_rows)
@@ -47,6 +50,7 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
     most = min(rows.numel(), max(limit, max(units_rows, default=0)))
     buf = ledger.workspace((most * v,), dtype, hidden.device, name="logits")
     hbuf = ledger.workspace((most, d), dtype, hidden.device, name="rows")
+    dh = None if shard is None else ledger.workspace((most, d), acc_dtype(dtype), hidden.device, name="grad_rows")
     need_h, need_w, need_b = need_grads
     any_row = rows.numel() > 0
 
@@ -62,10 +66,10 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
         sub_cu = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(hidden.device)
         counts = torch.tensor(counts, dtype=torch.int64).to(hidden.device)
         r = idx.numel()
-        t = targets.index_select(0, idx)
+        t, clamped, inside = shard_targets(targets.index_select(0, idx), shard)
         h = launch.gather_rows(hidden, idx, hbuf[:r])
         x = launch.logits(h, weight, flat_view(buf, r, v))
-        x_t = passes.target_logits(hidden, idx, weight, bias, t)
+        x_t = passes.target_logits(hidden, idx, weight, bias, clamped)
         share = (b - a) / num_units  # the loss is a mean over units: this chunk's share of it
 
         def loss_grad(logp):
@@ -79,16 +83,20 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
             metrics.append(chunk_metrics)
             return torch.autograd.grad(weighted, logp)[0] if any(need_grads) else None
 
-        passes.logprobs_and_grad_(x, bias, t, x_t, loss_grad)
+        passes.logprobs_and_grad_(x, bias, t, x_t, loss_grad,
+                                  None if shard is None else lambda m, s, x_t: shard.combine(m, s, x_t, inside))
         if any(need_grads):
             first = a == 0
             if need_w:
                 launch.grad_weight(x, h, grads[1], accumulate=not first)
             if need_b:
                 launch.column_sums(x, grads[2], accumulate=not first)
-            if need_h:  # h is no longer needed: its buffer takes the rows' hidden gradient
+            if need_h and shard is None:  # h is no longer needed: its buffer takes the rows' hidden gradient
                 launch.grad_hidden(x, weight, h, accumulate=False)
                 launch.scatter_rows(h, idx, grads[0])
+            elif need_h:
+                launch.grad_hidden(x, weight, dh[:r], accumulate=False)
+                launch.scatter_rows(shard.all_reduce(dh[:r]), idx, grads[0])
     loss = torch.stack(losses).sum()
     merged = {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]}
     return loss, merged, grads

@@ -7,6 +7,8 @@ and return.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import ledger
@@ -42,12 +44,25 @@ def grad_hidden(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate
             out.addmm_(dz, w)
         else:
             torch.mm(dz, w, out=out)
-    elif out.is_cuda:
+    elif out.is_cuda and widening_addmm(out.device):
         torch.addmm(out, dz, w, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
     elif accumulate:
         out += (dz @ w).to(out.dtype)
     else:
         out.copy_(dz @ w)
+
+
+@functools.cache
+def widening_addmm(device: torch.device) -> bool:
+    """Whether this torch adds a half-precision product straight into an fp32 output on ``device``
+    (``addmm`` with ``out_dtype``, PyTorch 2.8 and later); tried once per device on 2 x 2 matrices."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        out = torch.ones(2, 2, dtype=torch.float32, device=device)
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        return bool((out == 3).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def gather_rows(t: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

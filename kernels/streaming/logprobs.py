@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .. import ledger
+from ..dtypes import acc_dtype
 from . import launch, plan
 from .passes import Passes, finish_lse
-from ..dtypes import acc_dtype
 
 
 def flat_view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -37,12 +37,24 @@ def bias_slice(bias, v0, v1):
     return None if bias is None else bias[v0:v1]
 
 
+def shard_targets(targets, shard):
+    """(the targets as columns of the head given, clamped into it for the target-logit pass; whether each lies in
+    it, or None without a shard)."""
+    if shard is None:
+        return targets, targets, None
+    local, inside = shard.local_targets(targets)
+    return local, local.clamp(0, shard.size - 1), inside
+
+
 @ledger.scoped
-def row_logprobs(passes: Passes, hidden, weight, bias, rows, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [n], lse [n]) of rows ``rows`` of hidden with targets ``targets`` [n]."""
+def row_logprobs(passes: Passes, hidden, weight, bias, rows, targets, shard=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [n], lse [n]) of rows ``rows`` of hidden with targets ``targets`` [n]; with a ``shard``
+    (``shard.VocabShard``), weight and bias are this process's vocabulary shard and the result is the whole
+    vocabulary's."""
     n, (v, d) = rows.numel(), weight.shape
     acc = acc_dtype(hidden.dtype)
-    x_t = passes.target_logits(hidden, rows, weight, bias, targets)
+    _, clamped, inside = shard_targets(targets, shard)
+    x_t = passes.target_logits(hidden, rows, weight, bias, clamped)
     m = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
     s = torch.zeros(n, dtype=acc, device=hidden.device)
     chunk, width = plan.forward_tiles(n, v, hidden.element_size(), plan.buffer_bytes(hidden.device))
@@ -56,15 +68,21 @@ def row_logprobs(passes: Passes, hidden, weight, bias, rows, targets) -> tuple[t
             v1 = min(v, v0 + width)
             x = launch.logits(h, weight[v0:v1], flat_view(buf, r1 - r0, v1 - v0))
             passes.merge_lse_(x, bias_slice(bias, v0, v1), m[r0:r1], s[r0:r1], keep=False)
-    lse = finish_lse(m, s)
+    if shard is None:
+        lse = finish_lse(m, s)
+    else:
+        lse, x_t = shard.combine(m, s, x_t, inside)
     return x_t - lse, lse
 
 
 @ledger.scoped
-def row_grads(passes: Passes, g, hidden, weight, bias, rows, targets, lse, grads) -> None:
+def row_grads(passes: Passes, g, hidden, weight, bias, rows, targets, lse, grads, shard=None) -> None:
     """Adds the gradients of sum(g * logp) over rows ``rows`` into ``grads`` = (grad_hidden [N, D] zeroed,
     grad_weight [V, D], grad_bias [V]; None where not needed). ``g``, ``targets``, ``lse``: [n], the rows' own.
-    grad_weight and grad_bias are written whole (no need to zero them) when there is a row."""
+    grad_weight and grad_bias are written whole (no need to zero them) when there is a row. With a ``shard``,
+    weight, bias and their gradients are this process's shard, and the hidden gradient is summed over the
+    processes (in fp32)."""
+    targets, _, _ = shard_targets(targets, shard)
     grad_hidden, grad_weight, grad_bias = grads
     n, (v, d) = rows.numel(), weight.shape
     dtype = hidden.dtype
@@ -73,7 +91,7 @@ def row_grads(passes: Passes, g, hidden, weight, bias, rows, targets, lse, grads
     buf = ledger.workspace((min(group, n) * width,), dtype, hidden.device, name="logits")
     hbuf = None if all_rows else ledger.workspace((min(group, n), d), dtype, hidden.device, name="rows")
     single = width >= v
-    direct = grad_hidden is not None and all_rows and (single or dtype == acc_dtype(dtype))
+    direct = grad_hidden is not None and all_rows and (single or dtype == acc_dtype(dtype)) and shard is None
     acc_h = None
     if grad_hidden is not None and not direct:
         acc_h = ledger.workspace((min(group, n), d), acc_dtype(dtype), hidden.device, name="grad_rows")
@@ -92,4 +110,6 @@ def row_grads(passes: Passes, g, hidden, weight, bias, rows, targets, lse, grads
             if grad_bias is not None:
                 launch.column_sums(x, grad_bias[v0:v1], accumulate=r0 > 0)
         if acc_h is not None:
+            if shard is not None:
+                shard.all_reduce(out_h)
             launch.scatter_rows(out_h, rows[r0:r1], grad_hidden)

@@ -42,14 +42,17 @@ class Passes:
             else:
                 self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)
 
-    def logprobs_and_grad_(self, x, bias, targets, x_t, loss_grad) -> torch.Tensor:
-        """For a tile spanning the whole vocabulary: each row's lse, ``g = loss_grad(x_t - lse)`` (the loss's
-        gradient w.r.t. the rows' log-probs, or None for none), then x <- dL/dx in place. Returns lse.
+    def logprobs_and_grad_(self, x, bias, targets, x_t, loss_grad, combine=None) -> torch.Tensor:
+        """For a tile spanning the whole vocabulary (or this process's shard of it): each row's lse,
+        ``g = loss_grad(x_t - lse)`` (the loss's gradient w.r.t. the rows' log-probs, or None for none), then
+        x <- dL/dx in place. Returns lse. ``combine(m, s, x_t) -> (lse, x_t)`` makes them the whole
+        vocabulary's from a shard's (``shard.VocabShard.combine``).
 
         The same two passes as ``merge_lse_`` and ``grad_logits_``; PyTorch ops fuse them into four (exp(z - max)
-        stays in x in between) when the math needs no softcap and no widening."""
+        stays in x in between) when the math needs no softcap, no widening and no combining."""
         r, acc = x.shape[0], acc_dtype(x.dtype)
-        fast = ledger.executing() and self.which == "torch" and self.softcap is None and x.dtype == acc
+        fast = (ledger.executing() and self.which == "torch" and self.softcap is None and x.dtype == acc
+                and combine is None)
         m = torch.full((r,), float("-inf"), dtype=acc, device=x.device)
         s = torch.zeros_like(m)
         ledger.record_pass("merge_lse", (x, m, s), (m, s))
@@ -58,7 +61,7 @@ class Passes:
         else:
             if ledger.executing():
                 self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)
-            lse = finish_lse(m, s)
+            lse, x_t = (finish_lse(m, s), x_t) if combine is None else combine(m, s, x_t)
             g = loss_grad(x_t - lse)
         if g is not None:
             ledger.record_pass("grad_logits", (x, g, lse, targets), (x,))
