@@ -10,6 +10,7 @@ each pass differs (tests/test_ledger.py checks that both record the same launche
     python -m benchmarks.ledger                       # headline: bf16, N=16384, D=4096, V=128256, H100 and H200
     python -m benchmarks.ledger --n 16384 --d 576 --v 49152
     python -m benchmarks.ledger --measure             # on a GPU: its ceilings, then each op timed beside its prediction
+    python -m benchmarks.ledger --world 8             # a vocabulary-parallel head over 8 processes: what each sends
 """
 
 from __future__ import annotations
@@ -113,6 +114,39 @@ def cost_ops(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16, ratio:
     return costed
 
 
+def comm_per_call(n: int, d: int, v: int, world: int, dtype: torch.dtype = torch.bfloat16, ratio: float = 0.3) -> str:
+    """What one process of a vocabulary-parallel head (``world`` even shards) sends into all-reduces per call,
+    beside the bytes of the [N, V] logits that gathering them would move. The shard is planted directly (the
+    ledger's dry run has no process group); the collectives are recorded where the ops make them."""
+    from selpo.kernels.linear_logprobs import LinearLogprobs
+    from selpo.kernels.streaming.fused_loss import selective_loss_fused
+    from selpo.kernels.streaming.passes import Passes
+    from selpo.kernels.streaming.shard import VocabShard
+
+    hidden, _, targets, cu, mask = inputs(n, d, v, dtype, ratio)
+    size = -(-v // world)
+    weight = ledger.dry_input((size, d), dtype).requires_grad_()
+    shard = VocabShard(None, 0, size, v)
+
+    def forward_backward():
+        logp = LinearLogprobs.apply(hidden, weight, targets, None, -100, 1.0, None, "torch", shard)
+        torch.autograd.grad(logp, (hidden, weight), torch.ones_like(logp))
+
+    def sepo():
+        rows = torch.nonzero(mask).squeeze(1)
+        cu_sel = torch.cat([torch.zeros(1, dtype=torch.int64), mask.long().cumsum(0)])[cu.long()].tolist()
+        selective_loss_fused(Passes("torch", 1.0, None), hidden.detach(), weight.detach(), None, targets, cu_sel, rows,
+                             "sepo", True, None, None, {"gamma": 1.0, "margin": 0.0}, (True, True, False), shard)
+
+    lines = [f"Vocabulary-parallel head over {world} processes (shards of {size} rows), N={n}, D={d}, V={v}: "
+             f"bytes each process sends into all-reduces per call (the [N, V] logits in {dtype}: "
+             f"{n * v * dtype.itemsize / 1e9:.2f} GB)\n", "| op | all-reduces | bytes |", "|---|---|---|"]
+    for name, fn in (("linear_logprobs forward+backward", forward_backward), ("SePO loss, forward+backward", sepo)):
+        comm = [e for e in dry(fn).entries if e.kind == "comm"]
+        lines.append(f"| {name} | {len(comm)} | {sum(e.bytes for e in comm) / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
@@ -187,7 +221,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--ratio", type=float, default=0.3, help="share of tokens the selective loss keeps")
     parser.add_argument("--measure", action="store_true", help="on a CUDA GPU: time each op beside its prediction")
+    parser.add_argument("--world", type=int, default=0, help="cost a vocabulary-parallel head over this many processes")
     args = parser.parse_args(argv)
+    if args.world:
+        print(comm_per_call(args.n, args.d, args.v, args.world, getattr(torch, args.dtype), args.ratio))
+        return
     if args.measure:
         print(measure(args.n, args.d, args.v, getattr(torch, args.dtype), args.ratio))
         return

@@ -99,3 +99,14 @@ def test_dry_run_records_what_a_real_run_launches(backend):
     with ledger.counting() as wet:
         run(*real, targets, cu, mask)
     assert dry.entries == wet.entries and dry.workspace_bytes == wet.workspace_bytes
+
+
+def test_vocabulary_parallel_communication():
+    """A sharded head sends two fp32 [n] vectors in the forward and the fp32 [n, D] hidden gradient in the
+    backward: a few hundred MB at the headline shape, never the [N, V] logits."""
+    from benchmarks.ledger import comm_per_call
+
+    text = comm_per_call(N, D, V, 8)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["linear_logprobs forward+backward"].endswith(f"| 3 | {(12 * N + 4 * N * D) / 1e6:.1f} MB |")
+    assert "| SePO loss, forward+backward | 3 |" in text
