@@ -179,23 +179,24 @@ def cuda_median(fn, rounds: int = 5, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def ceilings(n: int, d: int, v: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(matmul FLOP/s, copy bytes/s) measured on this GPU: the [n, d] x [d, v] product into a preallocated
-    buffer, and a 2 GiB device-to-device copy."""
+def gemm_rate(n: int, d: int, v: int, dtype: torch.dtype) -> float:
+    """FLOP/s of the [n, d] x [d, v] product into a preallocated buffer on this GPU."""
     a = torch.randn(n, d, device="cuda", dtype=dtype)
     b = torch.randn(v, d, device="cuda", dtype=dtype)
     out = torch.empty(n, v, device="cuda", dtype=dtype)
-    flops = 2 * n * d * v / cuda_median(lambda: torch.mm(a, b.T, out=out))
-    del a, b, out
+    return 2 * n * d * v / cuda_median(lambda: torch.mm(a, b.T, out=out))
+
+
+def copy_rate() -> float:
+    """Bytes/s read and written by a 2 GiB device-to-device copy on this GPU."""
     src = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 2 / cuda_median(lambda: dst.copy_(src))
-    return flops, bandwidth
+    return 2 * src.numel() * 2 / cuda_median(lambda: dst.copy_(src))
 
 
 def measure(n: int, d: int, v: int, dtype: torch.dtype, ratio: float) -> str:
     """On a GPU: its ceilings, then each op (triton backend) timed beside the ledger's prediction at them."""
-    flops, bandwidth = ceilings(n, d, v, dtype)
+    flops, bandwidth = gemm_rate(n, d, v, dtype), copy_rate()
     GPUS["measured"] = (flops, bandwidth)
     costed = {c.name: c for c in cost_ops(n, d, v, dtype, ratio)}
     targets, cu, mask = (t.cuda() for t in inputs(n, d, v, dtype, ratio)[2:])

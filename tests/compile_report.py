@@ -68,7 +68,8 @@ def kernel_specs():
         specs.append((f"topk_mask[{dtype}]", topk._topk_mask_kernel,
                       {"scores_ptr": f"*{dtype}", "valid_ptr": "*u8", "cu_ptr": "*i32", "k_ptr": "*i32",
                        "largest_ptr": "*u8", "out_ptr": "*i8"},
-                      {"COMPARE": tl.float32, "BLOCK_I": topk.BLOCK_I, "BLOCK_J": topk.BLOCK_J}, {"num_warps": 4}, False))
+                      {"COMPARE": tl.float32, "BLOCK_I": topk.BLOCK_I, "BLOCK_J": topk.BLOCK_J}, {"num_warps": 4},
+                      False))
     return specs
 
 
@@ -85,9 +86,10 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 # Integer arguments that are multiples of 16 for the inputs the kernels see in practice (hidden sizes, row
-# strides and slice widths of the logits buffer, whose slices are multiples of 128 columns but the last). With no GPU, nothing tells the compiler what the JIT learns from real arguments
-# (16-byte-aligned pointers, these multiples of 16); without the hints it cannot prove alignment, and it would
-# report narrow loads that are never pipelined, unlike the kernels that run.
+# strides and slice widths of the logits buffer, whose slices are multiples of 128 columns but the last). With
+# no GPU, nothing tells the compiler what the JIT learns from real arguments (16-byte-aligned pointers, these
+# multiples of 16); without the hints it cannot prove alignment, and it would report narrow loads that the
+# kernels that run do not make.
 ALIGNED_INTS = {"D", "stride_h", "stride_w", "ld", "W"}
 
 

@@ -81,7 +81,8 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, which, shard):
-        hidden, weight, bias, targets = unit_stride(hidden), unit_stride(weight), unit_stride(bias), targets.contiguous()
+        hidden, weight, bias = unit_stride(hidden), unit_stride(weight), unit_stride(bias)
+        targets = targets.contiguous()
         acc = acc_dtype(hidden.dtype)
         rows = torch.nonzero(targets != ignore_index).squeeze(1)  # the call's one host synchronisation
         logp = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)

@@ -104,7 +104,8 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         if ratio is None:
             raise ValueError("ratio is required with scores")
         if largest is None:
-            largest = torch.arange(num_segments, device=hidden.device) < (num_segments // 2 if pairwise else num_segments)
+            chosen = num_segments // 2 if pairwise else num_segments
+            largest = torch.arange(num_segments, device=hidden.device) < chosen
         selected = topk_mask(scores, cu_seqlens, ratio, largest=largest, valid=valid, backend=backend)
     else:
         selected = valid & (weights != 0) if loss == "weighted_nll" else valid
@@ -125,9 +126,10 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     need = need if torch.is_grad_enabled() else (False, False, False)
     rows = torch.nonzero(selected).squeeze(1)
     cu_sel = compact_boundaries(selected, cu_seqlens)
-    loss_value, metrics, grads = selective_loss_fused(
-        Passes(which, temperature, softcap), *(None if t is None else unit_stride(t.detach()) for t in (hidden, weight, bias)), targets,
-        cu_sel.tolist(), rows, loss, pairwise, ref_logps, weights, options, need, shard)
+    inputs = (None if t is None else unit_stride(t.detach()) for t in (hidden, weight, bias))
+    loss_value, metrics, grads = selective_loss_fused(Passes(which, temperature, softcap), *inputs, targets,
+                                                      cu_sel.tolist(), rows, loss, pairwise, ref_logps, weights,
+                                                      options, need, shard)
     metrics["selected"] = cu_sel.diff()
     value = AttachGradients.apply(loss_value, grads, hidden, weight, bias) if any(need) else loss_value
     return value, metrics

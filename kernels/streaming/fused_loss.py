@@ -11,6 +11,8 @@ recomputed; ``AttachGradients`` hands the saved gradients to autograd, scaled by
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import ledger
@@ -59,6 +61,19 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
 
     grads = (output(hidden, need_h, True), output(weight, need_w, not any_row), output(bias, need_b, not any_row))
     losses, metrics = [], []
+
+    def loss_grad(chunk, logp):
+        """The chunk's loss (kept, with its metrics) and its gradient w.r.t. the rows' log-probs (None if none
+        is wanted)."""
+        sub_cu, counts, ref, w, share = chunk
+        logp = logp.detach().requires_grad_()
+        with torch.enable_grad():
+            loss, chunk_metrics = selected_loss(name, logp, sub_cu, counts, ref, w, passes.which, options)
+            weighted = loss * share
+        losses.append(weighted.detach())
+        metrics.append(chunk_metrics)
+        return torch.autograd.grad(weighted, logp)[0] if any(need_grads) else None
+
     for a, b in unit_groups(units_rows, limit):
         parts = [(a, b), (num_units + a, num_units + b)] if pairwise else [(a, b)]
         idx = torch.cat([rows[cu_sel[s]:cu_sel[e]] for s, e in parts])
@@ -71,20 +86,10 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
         x = launch.logits(h, weight, flat_view(buf, r, v))
         x_t = passes.target_logits(hidden, idx, weight, bias, clamped)
         share = (b - a) / num_units  # the loss is a mean over units: this chunk's share of it
-
-        def loss_grad(logp):
-            logp = logp.detach().requires_grad_()
-            with torch.enable_grad():
-                loss, chunk_metrics = selected_loss(
-                    name, logp, sub_cu, counts, None if ref_logps is None else ref_logps.index_select(0, idx),
-                    None if weights is None else weights.index_select(0, idx), passes.which, options)
-                weighted = loss * share
-            losses.append(weighted.detach())
-            metrics.append(chunk_metrics)
-            return torch.autograd.grad(weighted, logp)[0] if any(need_grads) else None
-
-        passes.logprobs_and_grad_(x, bias, t, x_t, loss_grad,
-                                  None if shard is None else lambda m, s, x_t: shard.combine(m, s, x_t, inside))
+        chunk = (sub_cu, counts, None if ref_logps is None else ref_logps.index_select(0, idx),
+                 None if weights is None else weights.index_select(0, idx), share)
+        passes.logprobs_and_grad_(x, bias, t, x_t, functools.partial(loss_grad, chunk),
+                                  None if shard is None else functools.partial(shard.combine, inside=inside))
         if any(need_grads):
             first = a == 0
             if need_w:

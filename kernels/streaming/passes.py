@@ -27,7 +27,7 @@ class Passes:
 
     def target_logits(self, h, rows, w, bias, targets) -> torch.Tensor:
         """[n] z of rows ``rows`` of h at their targets (float32; float64 for float64 inputs)."""
-        n, d = rows.numel(), h.shape[1]
+        n = rows.numel()
         ledger.record_pass("target_logits", (h[:n], w[:n], rows, targets), (rows,))
         if not ledger.executing():
             return torch.zeros(n, dtype=acc_dtype(h.dtype), device=h.device)

@@ -69,7 +69,8 @@ def split_head(weight: torch.Tensor, process_group):
         DTensor = None
     if DTensor is not None and isinstance(weight, DTensor):
         if tuple(weight.placements) != (Shard(0),):
-            raise ValueError(f"weight: a DTensor head must be sharded on dim 0 over a 1-D mesh, got {weight.placements}")
+            raise ValueError("weight: a DTensor head must be sharded on dim 0 over a 1-D mesh, "
+                             f"got {weight.placements}")
         if process_group is None:
             process_group = weight.device_mesh.get_group()
         weight = weight.to_local()

@@ -41,15 +41,18 @@ def token_scores(hidden_a: torch.Tensor, weight_a: torch.Tensor, hidden_b: torch
     n = hidden_a.shape[0]
     if hidden_b.shape[0] != n:
         raise ValueError(f"hidden_b must have N={n} rows like hidden_a, got {hidden_b.shape[0]}")
-    for h_name, h, w_name, w in (("hidden_a", hidden_a, "weight_a", weight_a), ("hidden_b", hidden_b, "weight_b", weight_b)):
+    for h_name, h, w_name, w in (("hidden_a", hidden_a, "weight_a", weight_a),
+                                 ("hidden_b", hidden_b, "weight_b", weight_b)):
         if w.shape[1] != h.shape[1]:
             raise ValueError(f"{w_name} must have shape [V, {h.shape[1]}] to match {h_name}, got {tuple(w.shape)}")
     if weight_a.shape[0] == 0:
         raise ValueError("weight_a must have at least one row (V >= 1)")
     if weight_b.shape[0] != weight_a.shape[0]:
-        raise ValueError(f"weight_b must have the vocabulary size V={weight_a.shape[0]} of weight_a, got {weight_b.shape[0]}")
+        raise ValueError(f"weight_b must have the vocabulary size V={weight_a.shape[0]} of weight_a, "
+                         f"got {weight_b.shape[0]}")
     checks.check_targets(targets, n, weight_a.shape[0] if shard is None else shard.vocab, ignore_index)
-    checks.check_same_device(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b, targets=targets)
+    checks.check_same_device(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b,
+                             targets=targets)
     checks.check_same_dtype(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b)
     which = resolve_backend(backend, hidden_a.device)
     if which == "naive" and shard is not None:
