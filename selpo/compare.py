@@ -97,6 +97,7 @@ def summarize(method: str, value: float, config: RunConfig, records: dict) -> di
     before = [s for s in PIPELINES[method] if s not in ("data", "train", "eval", "report")]
     return {"method": method, "strength": value, "run_dir": config.run_dir,
             "reward": policy["reward"], "kl": policy["kl"], "initial_reward": results["initial"]["reward"],
+            "reward_spec": results.get("reward", {}).get("spec", "vader"),
             "implicit_accuracy": policy["implicit_accuracy"], "likelihood_accuracy": policy["likelihood_accuracy"],
             "token_share": policy.get("token_share"),
             "train_seconds": _seconds(records["train"]), "prep_seconds": sum(_seconds(records[s]) for s in before),
@@ -119,7 +120,8 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
             ax.annotate(f"{strength:g}", (kl, reward), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=line.get_color())
     ax.set_xlabel("KL(policy || initial), nats per sample")
-    ax.set_ylabel("reward: mean VADER compound of samples")
+    spec = rows[0]["reward_spec"]
+    ax.set_ylabel("reward: mean VADER compound of samples" if spec == "vader" else f"reward: mean of {spec}")
     ax.set_title("reward vs KL (labels: strength)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -193,6 +195,9 @@ def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if base.eval.reward == "none":
+        raise ValueError("eval.reward: selpo compare plots each method's reward against its KL, so it needs a reward "
+                         "(vader, a reward model folder or module:function), not none")
     grid = parse_grid(list(grid_items))
     runs = run_configs(base, out, methods, grid)
     rows = []

@@ -42,9 +42,12 @@ class DataConfig:
     """Which preference data to use and how long examples may be."""
 
     SECTION: typing.ClassVar[str] = "data"
-    train: str = option("default", "Training pairs: a local .jsonl/.json/.parquet file or a folder saved by "
-                        "`datasets` (prompt/chosen/rejected as strings or message lists); 'default' is the "
-                        "packaged sentiment dataset.")
+    train: str = option("default", "Training pairs: a local .jsonl/.json/.parquet file, a folder saved by "
+                        "`datasets`, or the name of a dataset already in the local `datasets` cache (owner/name, "
+                        "optionally :split; read offline). Rows: prompt/chosen/rejected as strings or message "
+                        "lists; or chosen/rejected only, the prompt being their shared beginning (TRL's implicit "
+                        "prompt); or prompt/completion/label, paired per prompt (TRL's unpaired format). "
+                        "'default' is the packaged sentiment dataset.")
     test: str = option("default", "Held-out pairs for evaluation, in the same formats; 'default' is the "
                        "packaged held-out split.")
     max_length: int = option(256, "Most tokens of prompt + response; longer responses are cut from the right.")
@@ -140,10 +143,13 @@ class GuidanceConfig(LoopConfig):
                          "(0: never).")
     every: int = option(10, "Policy steps between retrainings: round r happens before step r * every.")
     samples: int = option(4, "Responses sampled per prompt for a retraining, ranked by the task's reward "
-                          "(Plackett-Luce over them; 2 is Bradley-Terry).")
+                          "(eval.reward; Plackett-Luce over them; 2 is Bradley-Terry).")
     prompts: int = option(16, "Training prompts sampled per retraining.")
     max_new_tokens: int = option(40, "Most tokens per sampled response.")
     retrain_epochs: int = option(2, "Passes over a round's ranked samples when retraining.")
+    head: str = option("linear", "The reward model's token head: linear (selpo's: one linear layer and a sigmoid, "
+                       "rewards in (0, 1)) or mlp (the released code's: a ReLU MLP with 2048 hidden units, its output "
+                       "clamped by a double softplus, rewards in (1e-8, 1.31); see selpo.reward_model).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,6 +163,11 @@ class GuidanceConfig(LoopConfig):
         for name in ("every", "prompts", "max_new_tokens", "retrain_epochs"):
             _require(s, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
         _require(s, "samples", self.samples >= 2, f"must be >= 2, got {self.samples}")
+        _require(s, "head", self.head in ("linear", "mlp"), f"must be one of ('linear', 'mlp'), got {self.head!r}")
+
+
+SCORE_RULES = ("paper", "released")
+SELECTIVE_RULES = ("topk", "quantile")
 
 
 @dataclass
@@ -167,11 +178,18 @@ class ScoreConfig:
     chosen_ratio: float = option(0.3, "Share of each chosen response's tokens selected: the highest rewards.")
     rejected_ratio: float = option(0.3, "Share of each rejected response's tokens selected: the lowest rewards.")
     batch_size: int = option(16, "Pairs per forward pass of the scoring models.")
+    rule: str = option("paper", "Which tokens may be selected: paper (every response token; k = max(1, "
+                       "floor(ratio * n)) of n) or released (the authors' code: the first response token is never "
+                       "selectable, k = max(1, floor(ratio * (n - 1))), where their code gives k = 0 and a NaN loss "
+                       "when ratio * (n - 1) < 1; a one-token response keeps its token; and a response that "
+                       "data.max_length cut has its last token replaced by EOS, scored and trained as EOS). Under "
+                       "paper a cut response simply ends where it was cut, with no EOS.")
 
     def __post_init__(self):
         for name in ("chosen_ratio", "rejected_ratio"):
             value = getattr(self, name)
             _require(self.SECTION, name, 0 < value <= 1, f"must lie in (0, 1], got {value}")
+        _require(self.SECTION, "rule", self.rule in SCORE_RULES, f"must be one of {SCORE_RULES}, got {self.rule!r}")
         _require(self.SECTION, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
 
 
@@ -184,11 +202,20 @@ class TrainConfig(LoopConfig):
                                 "tokenizer, e.g. larger than the oracle); none: a fresh copy of `model`.")
     gamma: float = option(1.0, "SePO's reward scale gamma (1 in the authors' code).")
     margin: float | None = option(None, "Target reward margin: SePO's margin (none: 0) and SimPO's gamma "
-                                  "(none: 0.5).")
+                                  "(none: 0.5). selpo's SimPO margin is absolute, subtracted after beta scales the "
+                                  "log-prob gap: -logsigmoid(beta * gap - margin); the official SimPO code's "
+                                  "gamma_beta_ratio is margin / beta (its gamma 0.5 at beta 2.0 is a ratio of 0.25).")
     beta: float | None = option(None, "Strength: the KL coefficient beta of dpo and selective_dpo (none: 0.1), "
                                 "SimPO's reward scale beta (none: 2.0).")
     selective_ratio: float = option(0.4, "Selective-DPO: share of each response's tokens kept at every step "
                                     "(the highest scores).")
+    selective_rule: str = option("topk", "Selective-DPO's selection: topk (exactly max(1, floor(ratio * n)) "
+                                 "tokens, ties to the earlier position) or quantile (the released code: every "
+                                 "token scoring >= the (1 - ratio) quantile of its response, linear interpolation, "
+                                 "i.e. floor(ratio * n + 1 - ratio) tokens plus all ties at the threshold; the "
+                                 "released code also drops tokens whose policy log-prob is exactly 0.0 as if "
+                                 "padding, an artefact of its padded layout that selpo's packed layout does not "
+                                 "need, so they are kept).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -199,6 +226,8 @@ class TrainConfig(LoopConfig):
                  f"must be > 0, got {self.beta}")
         _require(s, "selective_ratio", 0 < self.selective_ratio <= 1,
                  f"must lie in (0, 1], got {self.selective_ratio}")
+        _require(s, "selective_rule", self.selective_rule in SELECTIVE_RULES,
+                 f"must be one of {SELECTIVE_RULES}, got {self.selective_rule!r}")
 
     def beta_for(self, method: str) -> float:
         """beta, or the method's default."""
@@ -221,11 +250,22 @@ class EvalConfig:
     batch_size: int = option(16, "Prompts per generation batch and pairs per scoring batch.")
     token_pairs: int = option(32, "Training pairs whose tokens are shown with the method's scores or weights "
                               "(eval/tokens.jsonl: the heatmap, and the precision of selected tokens at "
-                              "VADER words).")
+                              "VADER words when the reward is vader).")
+    reward: str = option("vader", "The ground-truth reward of sampled responses, reported by eval and used by "
+                         "guidance to rank its retraining samples: vader (the packaged sentiment task's reward); a "
+                         "local folder with a one-label sequence-classification reward model (scores prompt + "
+                         "response under its chat template; eval then also reports the policy's win rate over the "
+                         "initial model); module:function, a callable f(prompts, responses) -> floats; or none (no "
+                         "sampled reward: eval reports KL, held-out accuracies and margins only; guidance then "
+                         "needs guidance.rounds = 0). A run on data other than the packaged one says which reward "
+                         "it uses before any work.")
 
     def __post_init__(self):
         for name in ("prompts", "max_new_tokens", "batch_size", "token_pairs"):
             _require(self.SECTION, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        from .rewards import check_spec
+
+        check_spec(self.reward)
         _require(self.SECTION, "temperature", self.temperature > 0, f"must be > 0, got {self.temperature}")
 
 
@@ -276,6 +316,10 @@ class RunConfig:
         choices = (("method", METHODS), ("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS))
         for name, allowed in choices:
             _require("", name, getattr(self, name) in allowed, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        _require("eval", "reward", not (self.method == "guidance" and self.guidance.rounds > 0
+                                        and self.eval.reward == "none"),
+                 "is none, but method guidance ranks its retraining samples by it: give a reward or set "
+                 "guidance.rounds=0")
 
 
 def section_names() -> tuple[str, ...]:

@@ -1,12 +1,31 @@
 """The cost ledger: what each op launches, counted at the headline shape without a GPU (and without allocating
 it), and the predicted GPU time against the floors and targets of the GPU-speed design."""
 
+import importlib
+import os
+import sys
+
 import pytest
 import torch
 from conftest import BACKENDS
 
-from benchmarks.ledger import HEADLINE, cost_ops, inputs
 from selpo.kernels import ledger, linear_logprobs, linear_selective_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmarks_ledger():
+    """benchmarks.ledger, imported with the repository root on sys.path only meanwhile (kept there, the folder
+    kernels/ would be importable as a top-level module, which transformers would take for the hub's)."""
+    sys.path.insert(0, REPO)
+    try:
+        return importlib.import_module("benchmarks.ledger")
+    finally:
+        sys.path.remove(REPO)
+
+
+HEADLINE, cost_ops, inputs, comm_per_call = (getattr(benchmarks_ledger(), name)
+                                             for name in ("HEADLINE", "cost_ops", "inputs", "comm_per_call"))
 
 N, D, V = HEADLINE["n"], HEADLINE["d"], HEADLINE["v"]
 GEMM = 2 * N * D * V
@@ -104,8 +123,6 @@ def test_dry_run_records_what_a_real_run_launches(backend):
 def test_vocabulary_parallel_communication():
     """A sharded head sends two fp32 [n] vectors in the forward and the fp32 [n, D] hidden gradient in the
     backward: a few hundred MB at the headline shape, never the [N, V] logits."""
-    from benchmarks.ledger import comm_per_call
-
     text = comm_per_call(N, D, V, 8)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["linear_logprobs forward+backward"].endswith(f"| 3 | {(12 * N + 4 * N * D) / 1e6:.1f} MB |")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A dataset name as the hub spells it (owner/name or name), optionally with ":split".
+CACHED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
 DEFAULT_SPLITS = ("train", "test")
 
 
@@ -18,11 +21,13 @@ def default_data_path(split: str) -> str:
 
 
 def load_preference_dataset(path: str | os.PathLike, *, split: str | None = None):
-    """A ``datasets.Dataset`` of preference rows from a local file or folder.
+    """A ``datasets.Dataset`` of preference rows from a local file or folder, or a dataset in the local cache.
 
     Files: JSON Lines (``.jsonl``), JSON (``.json``: an array of rows) or Parquet (``.parquet``). A folder
     is a dataset saved with ``save_to_disk``; a saved ``DatasetDict`` needs ``split`` unless it holds one
-    split. Rows are not checked here: ``tokenize_pairs`` validates every row (see ``selpo.data.pairs``).
+    split. Anything else that looks like a dataset name (``owner/name``, optionally ``:split``) is read from
+    the ``datasets`` cache, offline (``load_cached``). Rows are not checked here: ``tokenize_pairs``
+    validates every row (see ``selpo.data.pairs``).
     """
     import datasets
 
@@ -30,6 +35,9 @@ def load_preference_dataset(path: str | os.PathLike, *, split: str | None = None
         raise TypeError(f"path must be a file or folder path, got {type(path).__name__}")
     p = Path(path).expanduser()
     if not p.exists():
+        if is_cached_name(str(path)):
+            name, _, named_split = str(path).partition(":")
+            return load_cached(name, named_split or split or "train")
         raise FileNotFoundError(f"path: no such file or folder: {str(path)!r}")
     if p.is_dir():
         try:
@@ -65,3 +73,27 @@ def _pick_split(loaded, split, path):
     if split not in loaded:
         raise ValueError(f"split: {split!r} is not in {str(path)!r}, which holds {sorted(loaded)}")
     return loaded[split]
+
+
+def is_cached_name(value: str) -> bool:
+    """Whether ``value``, which is no local path, reads as a dataset name (not as a missing data file)."""
+    return bool(CACHED_NAME.fullmatch(value)) and Path(value.partition(":")[0]).suffix.lower() not in FORMATS
+
+
+def load_cached(name: str, split: str):
+    """Split ``split`` of the dataset ``name`` as an earlier ``datasets.load_dataset(name)`` left it in the local
+    cache (``$HF_DATASETS_CACHE``), read without any network access; raises naming it when it is not there."""
+    import datasets
+    from datasets.packaged_modules.cache.cache import Cache
+
+    try:
+        builder = Cache(dataset_name=name.split("/")[-1], repo_id=name, version="auto", hash="auto")
+    except ValueError:
+        raise FileNotFoundError(f"path: {name!r} is neither a local file or folder nor a dataset in the local "
+                                f"datasets cache ({datasets.config.HF_DATASETS_CACHE}); selpo never downloads "
+                                "data") from None
+    splits = list(builder.info.splits or ())
+    if split not in splits:
+        raise ValueError(f"split: {split!r} is not among the cached splits {splits} of {name!r}; name one as "
+                         f"'{name}:SPLIT'")
+    return builder.as_dataset(split=split)

@@ -1,7 +1,9 @@
 """Preference rows to token ids: chat template, validation of every row, truncation, and the report.
 
 Formats (TRL's): ``prompt``, ``chosen`` and ``rejected`` as strings, or as lists of ``{"role", "content"}``
-messages (the prompt's turns; the responses' assistant turns). With a chat template, a string prompt is
+messages (the prompt's turns; the responses' assistant turns); or only ``chosen`` and ``rejected``, the
+prompt implicit in them (extracted by ``selpo.data.formats.split_implicit``). Unpaired data is paired first
+(``selpo.data.formats.pair_unpaired``). With a chat template, a string prompt is
 one user turn and a string response one assistant turn; the response is the text the template adds after
 the prompt's generation prompt (so it ends with the template's end-of-turn token). Without a chat template
 the prompt is plain text (with the tokenizer's special tokens, e.g. BOS) and each response is plain text
@@ -11,6 +13,7 @@ Validation: a missing column raises at once (``ValueError`` naming the source an
 is skipped and counted under its reason, or raises naming the source and the row with ``strict=True``:
 
 - ``missing``: prompt, chosen or rejected is null (or absent from that JSON row);
+- ``no_shared_prompt``: an implicit-prompt row whose chosen and rejected share no prompt;
 - ``bad_type``: not a string, or not a list of messages with string role and content, or a row that
   mixes the two formats;
 - ``empty_response``: chosen or rejected is empty or only whitespace;
@@ -19,16 +22,20 @@ is skipped and counted under its reason, or raises naming the source and the row
 - ``too_long``: the prompt leaves no room for a single response token under ``max_length``.
 
 Truncation: the prompt is cut from the left to its last ``max_prompt_length`` tokens (None: never cut),
-then each response is cut from the right so that prompt + response <= ``max_length``. Rows are counted
-from 0, as in ``datasets``. Prompt tokens never enter a loss: only response tokens are targets.
+then each response is cut from the right so that prompt + response <= ``max_length``; a cut response keeps
+no end-of-sequence token (``TokenizedPair.cut`` records it; SePO's released rule puts one back, see
+``selpo.stages.score``). Rows are counted from 0, as in ``datasets``; pairs formed from unpaired data are
+named by their source rows. Prompt tokens never enter a loss: only response tokens are targets.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .formats import NoSharedPrompt, split_implicit
+
 COLUMNS = ("prompt", "chosen", "rejected")
-REASONS = ("missing", "bad_type", "empty_response", "empty_prompt", "too_long")
+REASONS = ("missing", "no_shared_prompt", "bad_type", "empty_response", "empty_prompt", "too_long")
 # How many dropped rows the report lists by number, per reason.
 LISTED_ROWS = 5
 
@@ -41,6 +48,8 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     row: int
+    # Whether (chosen, rejected) was cut to fit max_length (and so ends without its end-of-sequence token).
+    cut: tuple[bool, bool] = (False, False)
 
     @property
     def responses(self) -> tuple[list[int], list[int]]:
@@ -133,31 +142,34 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, max_prompt_length: in
     """
     _check_lengths(max_length, max_prompt_length)
     columns = list(getattr(dataset, "column_names", None) or [])
-    missing = [c for c in COLUMNS if c not in columns]
+    used = list(COLUMNS) if "prompt" in columns else list(COLUMNS[1:])  # no prompt column: an implicit prompt
+    missing = [c for c in used if c not in columns]
     if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; preference data needs {list(COLUMNS)}, "
+        raise ValueError(f"{source}: missing column(s) {missing}; preference data needs {list(COLUMNS)}, or "
+                         f"chosen and rejected that share their prompt, or prompt/completion/label (unpaired); "
                          f"found {columns}")
     report = DataReport(source=source, rows=len(dataset))
+    where = _row_names(dataset, columns)
     rendered = []
-    for i, row in enumerate(dataset.select_columns(list(COLUMNS))):
+    for i, row in enumerate(dataset.select_columns(used)):
         try:
             rendered.append((i, *_render_row(row, tokenizer)))
         except BadRow as bad:
-            _reject(report, source, i, bad, strict)
+            _reject(report, source, where(i), i, bad, strict)
         except ValueError as e:
-            raise ValueError(f"{source} row {i}: {e}") from e
+            raise ValueError(f"{source} {where(i)}: {e}") from e
     prompts = encode(tokenizer, [r[1] for r in rendered], prompt=True)
     chosen = encode(tokenizer, [r[2] for r in rendered], prompt=False)
     rejected = encode(tokenizer, [r[3] for r in rendered], prompt=False)
     pairs = []
     for (i, *_), p, c, r in zip(rendered, prompts, chosen, rejected):
         try:
-            pair, cut = _truncate(TokenizedPair(p, c, r, i), max_length, max_prompt_length)
+            pair = _truncate(TokenizedPair(p, c, r, i), max_length, max_prompt_length)
         except BadRow as bad:
-            _reject(report, source, i, bad, strict)
+            _reject(report, source, where(i), i, bad, strict)
             continue
         pairs.append(pair)
-        report.truncated += cut
+        report.truncated += pair.cut != (False, False) or len(pair.prompt_ids) < len(p)
     report.kept = len(pairs)
     if not pairs:
         raise ValueError(f"{source}: no usable row; {report.summary()}")
@@ -173,9 +185,17 @@ def _check_lengths(max_length, max_prompt_length):
                          f"got {max_prompt_length!r}")
 
 
-def _reject(report, source, row, bad, strict):
+def _row_names(dataset, columns):
+    """Row i's name in messages: "row i", or the source rows of a pair formed from unpaired data."""
+    if "source_rows" not in columns:
+        return lambda i: f"row {i}"
+    sources = dataset["source_rows"]
+    return lambda i: f"pair {i} (rows {sources[i][0]} and {sources[i][1]})"
+
+
+def _reject(report, source, name, row, bad, strict):
     if strict:
-        raise ValueError(f"{source} row {row}: {bad} ({bad.reason}; strict=True)") from None
+        raise ValueError(f"{source} {name}: {bad} ({bad.reason}; strict=True)") from None
     report._drop(row, bad.reason)
 
 
@@ -194,9 +214,11 @@ def _check_messages(column, value):
 
 def _render_row(row, tokenizer):
     """(prompt text, chosen text, rejected text) of one row, or BadRow."""
-    for column in COLUMNS:
+    for column in row:
         if row[column] is None:
             raise BadRow("missing", f"{column} is missing (null)")
+    if "prompt" not in row:
+        row = _explicit(row)
     prompt = row["prompt"]
     conversational = isinstance(prompt, list)
     if conversational:
@@ -229,21 +251,32 @@ def _render_row(row, tokenizer):
     return prompt_text, *texts
 
 
+def _explicit(row):
+    """An implicit-prompt row as prompt/chosen/rejected, or BadRow."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, str) and isinstance(rejected, str)
+            or isinstance(chosen, list) and isinstance(rejected, list)):
+        raise BadRow("bad_type", f"chosen and rejected must both be strings or both lists of messages, got "
+                                 f"{type(chosen).__name__} and {type(rejected).__name__}")
+    try:
+        prompt, chosen, rejected = split_implicit(chosen, rejected)
+    except NoSharedPrompt as e:
+        raise BadRow("no_shared_prompt", str(e)) from None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
 def _truncate(pair, max_length, max_prompt_length):
-    """(pair truncated by the module's rule, whether anything was cut), or BadRow."""
+    """The pair truncated by the module's rule (``cut`` set), or BadRow."""
     if not pair.prompt_ids:
         raise BadRow("empty_prompt", "the prompt gives no token, so the first response token has nothing to follow")
     if not pair.chosen_ids or not pair.rejected_ids:
         raise BadRow("empty_response", "a response gives no token")
-    cut = False
     if max_prompt_length is not None and len(pair.prompt_ids) > max_prompt_length:
         pair.prompt_ids = pair.prompt_ids[-max_prompt_length:]
-        cut = True
     room = max_length - len(pair.prompt_ids)
     if room < 1:
         raise BadRow("too_long", f"the prompt has {len(pair.prompt_ids)} tokens, leaving no room for a response "
                                  f"under max_length={max_length}")
-    if len(pair.chosen_ids) > room or len(pair.rejected_ids) > room:
-        pair.chosen_ids, pair.rejected_ids = pair.chosen_ids[:room], pair.rejected_ids[:room]
-        cut = True
-    return pair, cut
+    pair.cut = (len(pair.chosen_ids) > room, len(pair.rejected_ids) > room)
+    pair.chosen_ids, pair.rejected_ids = pair.chosen_ids[:room], pair.rejected_ids[:room]
+    return pair

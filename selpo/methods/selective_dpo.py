@@ -3,7 +3,8 @@ disagree most, chosen afresh at every step.
 
 Per response, every token is scored from the policy's own log-probs of this forward pass (no second
 forward): ``log p_ref - log p_policy`` in a chosen response, ``log p_policy - log p_ref`` in a rejected
-one; the top ``ratio`` of each response are kept and DPO's loss reads only those, with the reference's
+one; the top ``ratio`` of each response are kept (``selective_mask``: exactly k tokens, or the released
+code's quantile rule) and DPO's loss reads only those, with the reference's
 log-probs on the same tokens. The reference is frozen, so its log-probs are computed once before
 training (``extras["ref_logps"]``, see ``with_reference_logps``). The backward of the log-probs touches
 only the kept tokens (the others get a zero gradient, which ``linear_logprobs`` skips).
@@ -27,12 +28,40 @@ def selection_scores(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: t
     return torch.cat([gap[:split], -gap[split:]])
 
 
+def quantile_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float) -> torch.Tensor:
+    """bool [N]: per segment, the tokens scoring >= its (1 - ratio) quantile (linear interpolation), as the
+    released Selective-DPO code keeps them: floor(ratio * n + 1 - ratio) tokens plus every tie at the threshold.
+
+    Its other rule, dropping tokens whose policy log-prob is exactly 0.0 as padding, is not applied: in the
+    packed layout there is no padding, and a certain token (log-prob 0, common in bf16) is a real token.
+    """
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            segment = scores[start:end].float()
+            mask[start:end] = segment >= torch.quantile(segment, 1 - ratio)
+    return mask
+
+
+def selective_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float, rule: str = "topk",
+                   backend: str = "auto") -> torch.Tensor:
+    """The tokens Selective-DPO keeps: ``topk`` (max(1, floor(ratio * n)) per segment, ties to the earlier
+    position) or ``quantile`` (``quantile_mask``)."""
+    if rule == "quantile":
+        return quantile_mask(scores, cu_seqlens, ratio)
+    if rule != "topk":
+        raise ValueError(f"rule must be 'topk' or 'quantile', got {rule!r}")
+    return topk_mask(scores, cu_seqlens, ratio, largest=True, backend=backend)
+
+
 @dataclass
 class SelectiveDPO:
     """``-logsigmoid(beta * (sum over kept chosen tokens - over kept rejected tokens of log p - log p_ref))``."""
 
     beta: float = 0.1
     ratio: float = 0.4
+    rule: str = "topk"
     backend: str = "auto"
 
     def loss(self, model, batch):
@@ -40,7 +69,7 @@ class SelectiveDPO:
         hidden, head = response_states(model, pairs)
         logps = linear_logprobs(hidden, head.weight, pairs.targets, backend=self.backend, **head.op_kwargs())
         scores = selection_scores(logps, ref_logps, pairs.cu_seqlens)
-        mask = topk_mask(scores, pairs.cu_seqlens, self.ratio, largest=True, backend=self.backend)
+        mask = selective_mask(scores, pairs.cu_seqlens, self.ratio, self.rule, self.backend)
         loss, metrics = dpo_loss(logps, ref_logps, pairs.cu_seqlens, beta=self.beta, mask=mask, backend=self.backend)
         kept = segment_sum(mask.float(), pairs.cu_seqlens, backend=self.backend)
         return loss, {**metrics, "selected": kept}

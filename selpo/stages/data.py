@@ -5,9 +5,12 @@ never hours into a run. The rules are in ``selpo.data.pairs``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..data import default_data_path, load_preference_dataset, tokenize_pairs
+from ..data.formats import is_unpaired, pair_unpaired, row_prompt
+from ..data.load import is_cached_name
 from ..models import load_tokenizer
 from .pipeline import Context
 from .store import pair_row, read_jsonl, row_pair, write_jsonl
@@ -19,8 +22,13 @@ DEFAULT_TRAIN_PAIRS = 240
 
 
 def source_path(value: str, split: str) -> str:
-    """The file or folder behind ``data.train`` / ``data.test`` ("default": the packaged split)."""
-    return default_data_path(split) if value == "default" else value
+    """The file or folder behind ``data.train`` / ``data.test`` ("default": the packaged split); a cached
+    dataset's name without ``:split`` reads the split of the same name."""
+    if value == "default":
+        return default_data_path(split)
+    if not Path(value).expanduser().exists() and is_cached_name(value) and ":" not in value:
+        return f"{value}:{split}"
+    return value
 
 
 def distinct_prompts(dataset, pairs) -> list[dict]:
@@ -28,7 +36,7 @@ def distinct_prompts(dataset, pairs) -> list[dict]:
     retraining rounds), each once, in data order."""
     seen, rows = set(), []
     for pair in pairs:
-        prompt = dataset[pair.row]["prompt"]
+        prompt = row_prompt(dataset[pair.row])
         key = json.dumps(prompt, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -44,6 +52,10 @@ def run(ctx: Context) -> dict:
     for split, value, limit in (("train", cfg.train, cfg.max_train_pairs), ("test", cfg.test, cfg.max_test_pairs)):
         source = source_path(value, split)
         dataset = load_preference_dataset(source)
+        if is_unpaired(dataset.column_names):
+            dataset, left = pair_unpaired(dataset, source)
+            ctx.print(f"{split}: {len(dataset)} pairs formed from the unpaired rows of {source} ({left} rows left "
+                      "without a partner of the other label)")
         if limit is None and split == "train" and value == "default":
             limit = DEFAULT_TRAIN_PAIRS
             ctx.print(f"train: the packaged data's first {limit} of {len(dataset)} pairs (data.max_train_pairs)")

@@ -1,15 +1,19 @@
 """Stage ``eval``: the initial model against the trained policy, on held-out prompts and pairs.
 
-- reward: mean VADER compound score of samples (two per prompt, temperature ``eval.temperature``);
+- reward: the mean ground-truth reward (``eval.reward``, see ``selpo.rewards``: VADER's compound score by
+  default) of samples (two per prompt, temperature ``eval.temperature``); with a reward model or a function,
+  also the policy's win rate over the initial model (its k-th sample against the initial model's k-th on the
+  same prompt, ties counting half) and its standard error; with ``none``, no reward at all;
 - KL(policy || initial): mean over the policy's samples of sum_t (log p_policy - log p_initial), an
   unbiased estimate when sampling at temperature 1 (0 for the initial model by definition);
 - held-out preference accuracy: the share of pairs whose chosen response gets the higher implicit
-  reward sum_t (log p_model - log p_initial) (policy and oracle), and the higher mean log-prob;
+  reward sum_t (log p_model - log p_initial) (policy and oracle), and the higher mean log-prob; and the
+  mean margins (chosen minus rejected) of both;
 - the method's view of the first ``eval.token_pairs`` training pairs (``tokens.jsonl``, the report's
   heatmap): each response token's score or weight under the method, and whether its loss reads it;
-- selection precision (methods that select tokens: sepo, selective_dpo): the share of the selected
-  tokens that belong to VADER lexicon words, next to the share a random selection would give (the share
-  of such tokens overall);
+- selection precision (methods that select tokens: sepo, selective_dpo; reward vader only): the share of
+  the selected tokens that belong to VADER lexicon words, next to the share a random selection would give
+  (the share of such tokens overall);
 - token share: the mean share of response tokens the training loss read, over the training steps.
 
 One model is held at a time; sampling and scoring are sharded over the processes.
@@ -26,7 +30,8 @@ from ..data import TokenizedPair, encode_prompt
 from ..distributed import map_batches
 from ..logprobs import pair_logps
 from ..models import load_causal_lm
-from ..sentiment import key_token_mask, sample_responses, vader_reward
+from ..rewards import VADER, describe, load_reward
+from ..sentiment import key_token_mask, sample_responses
 from ..trainer import read_metrics
 from .data import load_pairs, load_prompts
 from .pipeline import PIPELINES, Context
@@ -70,6 +75,35 @@ def accuracy(rewards: torch.Tensor) -> float:
     return float((rewards[:, 0] > rewards[:, 1]).float().mean())
 
 
+def margin(rewards: torch.Tensor) -> float:
+    """Mean of chosen minus rejected reward over the pairs."""
+    return float((rewards[:, 0] - rewards[:, 1]).mean())
+
+
+def win_rate(policy: list[float], initial: list[float]) -> dict:
+    """Share of samples whose reward beats the initial model's sample of the same prompt and index (ties
+    count half), and its standard error over the samples."""
+    wins = torch.tensor([1.0 if p > i else 0.5 if p == i else 0.0 for p, i in zip(policy, initial)],
+                        dtype=torch.float64)
+    stderr = float(wins.std() / len(wins) ** 0.5) if len(wins) > 1 else 0.0
+    return {"rate": float(wins.mean()), "stderr": stderr}
+
+
+def score_samples(ctx: Context, prompts: list, *samples: list[str]) -> list[list[float] | None]:
+    """Per list of sample texts, the ground-truth reward of each (``eval.reward``; None for none), sharded over
+    the processes; the reward (a model, perhaps) is loaded once for all."""
+    cfg, device = ctx.config.eval, ctx.accelerator.device
+    reward = load_reward(cfg.reward, device=device, autocast=ctx.accelerator.autocast, batch_size=cfg.batch_size)
+    if reward is None:
+        return [None] * len(samples)
+    return [map_batches(ctx.accelerator, [(prompts[k // SAMPLES_PER_PROMPT], t) for k, t in enumerate(texts)],
+                        cfg.batch_size, lambda chunk: reward(*map(list, zip(*chunk)))) for texts in samples]
+
+
+def mean(values: list[float] | None) -> float | None:
+    return None if values is None else sum(values) / len(values)
+
+
 def selection_precision(tokenizer, rows: list[dict], side: str) -> dict:
     """Precision of the selected tokens of one side ("chosen"/"rejected") at VADER words, and random's."""
     selected = hits = key_total = tokens = 0
@@ -111,22 +145,27 @@ def run(ctx: Context) -> dict:
     views = token_views(ctx, view_pairs, policy_view, initial_view, oracle_view if has_oracle else None)
 
     policy_texts, initial_texts = texts(tokenizer, policy_samples), texts(tokenizer, initial_samples)
-    policy_rewards, initial_rewards = vader_reward(policy_texts), vader_reward(initial_texts)
+    ctx.print(f"eval.reward: {describe(cfg.reward)}")
+    policy_rewards, initial_rewards = score_samples(ctx, prompts, policy_texts, initial_texts)
     shares = [r["token_share"] for r in read_metrics(ctx.stage_dir("train")) if "token_share" in r]
+    implicit = sums(policy_test) - sums(initial_test)
     results = {
         "method": run_cfg.method,
         "prompts": len(prompts), "samples": len(policy_texts), "test_pairs": len(test_pairs),
-        "initial": {"reward": sum(initial_rewards) / len(initial_rewards), "kl": 0.0,
-                    "likelihood_accuracy": accuracy(means(initial_test))},
-        "policy": {"reward": sum(policy_rewards) / len(policy_rewards),
+        "reward": {"spec": cfg.reward, "description": describe(cfg.reward)},
+        "initial": {"reward": mean(initial_rewards), "kl": 0.0,
+                    "likelihood_accuracy": accuracy(means(initial_test)), "logp_margin": margin(means(initial_test))},
+        "policy": {"reward": mean(policy_rewards),
                    "kl": float((policy_on_samples - initial_on_samples).mean()),
-                   "implicit_accuracy": accuracy(sums(policy_test) - sums(initial_test)),
-                   "likelihood_accuracy": accuracy(means(policy_test)),
+                   "implicit_accuracy": accuracy(implicit), "implicit_margin": margin(implicit),
+                   "likelihood_accuracy": accuracy(means(policy_test)), "logp_margin": margin(means(policy_test)),
                    "token_share": sum(shares) / len(shares) if shares else None},
     }
+    if policy_rewards is not None and cfg.reward != VADER:
+        results["win_rate"] = win_rate(policy_rewards, initial_rewards)
     if has_oracle:
         results["oracle"] = {"implicit_accuracy": accuracy(sums(oracle_test) - sums(initial_test))}
-    if run_cfg.method in SELECTING:
+    if run_cfg.method in SELECTING and cfg.reward == VADER:
         results["selection"] = {**selection_precision(tokenizer, views, "chosen"),
                                 **selection_precision(tokenizer, views, "rejected")}
     if ctx.accelerator.is_main_process:
@@ -135,7 +174,8 @@ def run(ctx: Context) -> dict:
         write_jsonl(out / "tokens.jsonl", views)
         write_jsonl(out / "samples.jsonl", [
             {"prompt": prompts[k // SAMPLES_PER_PROMPT], "initial": initial_texts[k],
-             "initial_reward": initial_rewards[k], "policy": policy_texts[k], "policy_reward": policy_rewards[k]}
+             "initial_reward": initial_rewards[k] if initial_rewards else None, "policy": policy_texts[k],
+             "policy_reward": policy_rewards[k] if policy_rewards else None}
             for k in range(len(policy_texts))])
     return results
 

@@ -4,9 +4,9 @@ The stage trains the first reward model (``selpo.reward_model``) on a seeded sha
 pairs, each pair a ranking of two (Bradley-Terry). During the policy's training (``Alternation``, run by
 the ``train`` stage before each step), the reward model is retrained ``guidance.rounds`` times, every
 ``guidance.every`` steps: K responses per prompt are sampled from the current policy, ranked by the
-task's reward (VADER), and learned with a Plackett-Luce loss; the policy's token weights are then
-recomputed from the new model. Each round is saved (``train/rewards/round-<r>/``) so a resumed training
-reuses it instead of sampling again.
+task's reward (``eval.reward``: VADER, a reward model or a function; see ``selpo.rewards``), and learned
+with a Plackett-Luce loss; the policy's token weights are then recomputed from the new model. Each round
+is saved (``train/rewards/round-<r>/``) so a resumed training reuses it instead of sampling again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ..distributed import map_batches
 from ..examples import Example
 from ..methods import TokenRewardRanking, reward_weights
 from ..reward_model import load_reward_model, pair_rewards
-from ..sentiment import sample_responses, vader_reward
+from ..rewards import load_reward
+from ..sentiment import sample_responses
 from ..trainer import make_accelerator, read_metrics, train
 from .data import load_pairs, load_prompts
 from .oracle import subset
@@ -40,7 +41,7 @@ def run(ctx: Context) -> dict:
     cfg, run_cfg = ctx.config.guidance, ctx.config
     pairs = load_pairs(ctx, "train")
     chosen = subset(len(pairs), cfg.fraction, run_cfg.seed)
-    model, tokenizer = load_reward_model(run_cfg.model, device=ctx.accelerator.device)
+    model, tokenizer = load_reward_model(run_cfg.model, device=ctx.accelerator.device, head=cfg.head)
     out = ctx.stage_dir("guidance")
     train(ctx.accelerator, model, tokenizer, ranking_method(ctx), [Example(pairs[i]) for i in chosen], cfg, out,
           seed=run_cfg.seed, fingerprint=fingerprint(run_cfg, "guidance"))
@@ -129,6 +130,8 @@ class Alternation:
         chosen = [prompts[i] for i in sorted(order.tolist())]
         was_training = policy.training
         policy.eval()
+        reward = load_reward(ctx.config.eval.reward, device=ctx.accelerator.device, autocast=ctx.accelerator.autocast,
+                             batch_size=cfg.samples * cfg.micro_batch_size)
 
         def draw(chunk):
             completions = sample_responses(policy, self.tokenizer, [p for _, p in chunk], num_samples=cfg.samples,
@@ -136,7 +139,7 @@ class Alternation:
                                            seed=ctx.config.seed + 1000 * r + chunk[0][0])
             ranked = []
             for (i, prompt), group in zip(chunk, completions):
-                rewards = vader_reward([c.text for c in group])
+                rewards = reward([prompt] * len(group), [c.text for c in group])
                 best_first = sorted(range(len(group)), key=lambda k: -rewards[k])  # stable: ties keep order
                 ranked.append(TokenizedRanking(encode_prompt(self.tokenizer, prompt),
                                                [group[k].ids for k in best_first], row=i))

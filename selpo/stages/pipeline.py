@@ -60,6 +60,11 @@ class Stage:
     keys: tuple[str, ...]
     # One line for --help and the logs.
     help: str
+    # Single keys (section.field) its result depends on under some methods only: method -> keys.
+    method_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def keys_for(self, method: str) -> tuple[str, ...]:
+        return self.keys + dict(self.method_keys).get(method, ())
 
     def run(self, ctx: Context) -> dict:
         return importlib.import_module(f"{__package__}.{self.name}").run(ctx)
@@ -75,7 +80,8 @@ STAGES = (
     Stage("score", needs=("data", "oracle"), keys=("score",),
           help="score every response token with the oracle and select the key tokens (SePO)"),
     Stage("train", needs=("data", "oracle", "guidance", "score"), keys=("seed", "method", "train"),
-          help="train the policy with the run's method"),
+          help="train the policy with the run's method",
+          method_keys=(("guidance", ("eval.reward",)),)),  # its retraining rounds rank samples by the reward
     Stage("eval", needs=("data", "oracle", "guidance", "score", "train"), keys=("seed", "eval"),
           help="sample the initial model and the policy on held-out prompts and compare them"),
     Stage("report", needs=("data", "oracle", "guidance", "score", "train", "eval"), keys=("report",),
@@ -109,7 +115,9 @@ def needs(config: RunConfig, name: str) -> tuple[str, ...]:
 def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
     values = {}
     for key in keys:
-        value = getattr(config, key)
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
         values[key] = config_module.to_dict(value) if dataclasses.is_dataclass(value) else value
     return values
 
@@ -117,7 +125,7 @@ def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
 def fingerprint(config: RunConfig, name: str) -> str:
     """The hash a finished stage ``name`` must carry to count as done under ``config``."""
     stage = stages()[name]
-    material = {"config": _config_values(config, stage.keys),
+    material = {"config": _config_values(config, stage.keys_for(config.method)),
                 "needs": {up: fingerprint(config, up) for up in needs(config, name)}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -137,7 +145,7 @@ def status(ctx: Context, name: str) -> str:
 
 def _why_stale(ctx: Context, name: str) -> str:
     record = _done_record(ctx, name)
-    old, new = record.get("config", {}), _config_values(ctx.config, stages()[name].keys)
+    old, new = record.get("config", {}), _config_values(ctx.config, stages()[name].keys_for(ctx.config.method))
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if changed:
         return f"its configuration changed ({', '.join(changed)})"
@@ -165,7 +173,8 @@ def run_stage(ctx: Context, name: str) -> dict:
     ctx.print(f"== {name}: {stage.help}")
     began = time.perf_counter()
     summary = stage.run(ctx)
-    record = {"fingerprint": fingerprint(ctx.config, name), "config": _config_values(ctx.config, stage.keys),
+    record = {"fingerprint": fingerprint(ctx.config, name),
+              "config": _config_values(ctx.config, stage.keys_for(ctx.config.method)),
               "seconds": round(time.perf_counter() - began, 1), "summary": summary}
     if ctx.accelerator.is_main_process:
         write_text_atomic(out / DONE, json.dumps(record, indent=1))
@@ -174,8 +183,25 @@ def run_stage(ctx: Context, name: str) -> dict:
     return record
 
 
+def announce_reward(ctx: Context) -> None:
+    """On data other than the packaged sentiment task, says which reward eval (and guidance) will use, so that
+    VADER is never applied silently to data it does not fit; a reward function that cannot be imported fails
+    here, not after training."""
+    from ..rewards import VADER, check_spec, describe
+
+    data, spec = ctx.config.data, ctx.config.eval.reward
+    check_spec(spec, import_callable=True)
+    if data.train == "default" and data.test == "default":
+        return
+
+    hint = (" (the default; it fits only sentiment tasks: set eval.reward to a reward model folder, module:function "
+            "or none for yours)" if spec == VADER else "")
+    ctx.print(f"eval.reward: {describe(spec)}{hint}")
+
+
 def run_all(ctx: Context) -> dict[str, dict]:
     """Runs every stage of the method that is not done, in order; returns each stage's DONE record."""
+    announce_reward(ctx)
     records = {}
     for name in PIPELINES[ctx.config.method]:
         state = status(ctx, name)

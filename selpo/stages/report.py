@@ -51,13 +51,26 @@ def plot_curves(ctx: Context, path) -> None:
 def results_table(results: dict) -> list[tuple[str, str, str]]:
     """(metric, initial model, trained policy) rows of the eval results, formatted."""
     init, policy = results["initial"], results["policy"]
-    rows = [
-        ("reward (mean VADER compound of samples)", f"{init['reward']:+.3f}", f"{policy['reward']:+.3f}"),
+    spec = results.get("reward", {}).get("spec", "vader")
+    if policy["reward"] is None:
+        rows = [("reward: none given (eval.reward = none), samples not scored", "-", "-")]
+    else:
+        label = "reward (mean VADER compound of samples)" if spec == "vader" else f"reward (mean of {spec})"
+        rows = [(label, f"{init['reward']:+.3f}", f"{policy['reward']:+.3f}")]
+    if "win_rate" in results:
+        win = results["win_rate"]
+        rows.append(("win rate over the initial model's samples (+- s.e.)", "", f"{win['rate']:.3f} +- "
+                     f"{win['stderr']:.3f}"))
+    rows += [
         ("KL from the initial model (nats per sample)", f"{init['kl']:.3f}", f"{policy['kl']:.3f}"),
         ("held-out accuracy, implicit reward", "-", f"{policy['implicit_accuracy']:.3f}"),
         ("held-out accuracy, mean log-prob", f"{init['likelihood_accuracy']:.3f}",
          f"{policy['likelihood_accuracy']:.3f}"),
     ]
+    if "implicit_margin" in policy:
+        rows += [("held-out margin, implicit reward (nats)", "-", f"{policy['implicit_margin']:+.3f}"),
+                 ("held-out margin, mean log-prob (nats per token)", f"{init['logp_margin']:+.3f}",
+                  f"{policy['logp_margin']:+.3f}")]
     if policy.get("token_share") is not None:
         rows.append(("share of response tokens the loss read", "", f"{policy['token_share']:.3f}"))
     if "oracle" in results:
@@ -138,6 +151,7 @@ def run(ctx: Context) -> dict:
 <style>{STYLE}</style></head><body>
 <h1>{NAMES[method]} run <code>{name}</code></h1>
 <h2>Results</h2>{_table(results_table(results), ("metric", "initial model", "trained policy"))}
+<p>Reward: {html.escape(results.get("reward", {}).get("description", "VADER"))}.</p>
 <p>{results['samples']} samples per model on {results['prompts']} held-out prompts;
 {results['test_pairs']} held-out pairs.</p>
 <h2>Training curves</h2><img src="report/curves.png" alt="training curves" style="max-width:100%">

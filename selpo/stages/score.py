@@ -6,13 +6,22 @@ transform, which ``token_scores`` does not take). Per response, ``topk_mask`` ke
 rewards of a chosen response (``score.chosen_ratio`` of its tokens) and the lowest of a rejected one
 (``score.rejected_ratio``). Scores and masks are saved with the pairs in ``score/scored.jsonl``, which
 the ``train`` stage trains on and the report displays.
+
+``score.rule = "released"`` follows the authors' code instead (``released_candidates``): their scores are
+sliced from the prompt length, so the first response token is never selectable and k = floor(ratio * (n - 1));
+where that is 0 their loss is 0/0 = NaN, and selpo keeps one token (a one-token response keeps its only
+token). A response that ``data.max_length`` cut has its last token replaced by EOS before scoring, as their
+code does; under ``"paper"`` it ends where it was cut.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from accelerate import Accelerator
 
+from ..config import SCORE_RULES
 from ..data import TokenizedPair, collate_pairs
 from ..distributed import map_batches
 from ..examples import Example, split_packed
@@ -24,20 +33,41 @@ from .pipeline import Context
 from .store import pair_row, read_jsonl, row_pair, write_jsonl
 
 
+def released_candidates(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [N]: the tokens the released SePO code can select: all but the first of each response (of a
+    one-token response, that token)."""
+    valid = torch.ones(n, dtype=torch.bool, device=cu_seqlens.device)
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff()
+    valid[starts[lengths > 1]] = False
+    return valid
+
+
+def with_eos(pair: TokenizedPair, eos_id: int) -> TokenizedPair:
+    """The pair with the last token of each response that was cut replaced by ``eos_id`` (released rule)."""
+    chosen, rejected = (ids[:-1] + [eos_id] if cut else ids for ids, cut in zip(pair.responses, pair.cut))
+    return dataclasses.replace(pair, chosen_ids=chosen, rejected_ids=rejected)
+
+
 def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, chosen_ratio: float, rejected_ratio: float,
-           backend: str = "auto") -> torch.Tensor:
-    """bool [N]: per chosen response its top ``chosen_ratio`` scores, per rejected one its bottom ``rejected_ratio``."""
+           backend: str = "auto", rule: str = "paper") -> torch.Tensor:
+    """bool [N]: per chosen response its top ``chosen_ratio`` scores, per rejected one its bottom ``rejected_ratio``,
+    among every token (``rule="paper"``) or ``released_candidates`` (``"released"``)."""
+    if rule not in SCORE_RULES:
+        raise ValueError(f"rule must be one of {SCORE_RULES}, got {rule!r}")
     num_pairs = (cu_seqlens.shape[0] - 1) // 2
     split = int(cu_seqlens[num_pairs])
-    chosen = topk_mask(scores[:split], cu_seqlens[:num_pairs + 1], chosen_ratio, largest=True, backend=backend)
+    valid = released_candidates(cu_seqlens, scores.shape[0]) if rule == "released" else None
+    chosen = topk_mask(scores[:split], cu_seqlens[:num_pairs + 1], chosen_ratio, largest=True, backend=backend,
+                       valid=None if valid is None else valid[:split])
     rejected = topk_mask(scores[split:], cu_seqlens[num_pairs:] - split, rejected_ratio, largest=False,
-                         backend=backend)
+                         backend=backend, valid=None if valid is None else valid[split:])
     return torch.cat([chosen, rejected])
 
 
 @torch.no_grad()
 def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[TokenizedPair], *, pad_id: int,
-                batch_size: int, chosen_ratio: float, rejected_ratio: float, backend: str = "auto") -> list:
+                batch_size: int, chosen_ratio: float, rejected_ratio: float, backend: str = "auto",
+                rule: str = "paper") -> list:
     """Per pair, ((chosen scores, rejected scores), (chosen mask, rejected mask)) as CPU tensors.
 
     Sharded over the processes by whole batches, so every pair is scored in the same batch as on one process.
@@ -59,7 +89,7 @@ def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[Tokeniz
             scores = (linear_logprobs(h_oracle, oracle_head.weight, batch.targets, backend=backend,
                                       **oracle_head.op_kwargs())
                       - linear_logprobs(h_ref, ref_head.weight, batch.targets, backend=backend, **ref_head.op_kwargs()))
-        mask = select(scores, batch.cu_seqlens, chosen_ratio, rejected_ratio, backend)
+        mask = select(scores, batch.cu_seqlens, chosen_ratio, rejected_ratio, backend, rule)
         cu = batch.cu_seqlens.cpu()
         return list(zip(split_packed(scores.cpu(), cu), split_packed(mask.cpu(), cu)))
 
@@ -70,10 +100,12 @@ def run(ctx: Context) -> dict:
     cfg, run_cfg = ctx.config.score, ctx.config
     pairs = load_pairs(ctx, "train")
     oracle, tokenizer = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=ctx.accelerator.device)
+    if cfg.rule == "released":
+        pairs = [with_eos(p, tokenizer.eos_token_id) for p in pairs]
     reference, _ = load_causal_lm(run_cfg.model, device=ctx.accelerator.device)
     scored = score_pairs(ctx.accelerator, oracle, reference, pairs, pad_id=tokenizer.pad_token_id,
                          batch_size=cfg.batch_size, chosen_ratio=cfg.chosen_ratio,
-                         rejected_ratio=cfg.rejected_ratio, backend=run_cfg.backend)
+                         rejected_ratio=cfg.rejected_ratio, backend=run_cfg.backend, rule=cfg.rule)
     rows = [pair_row(pair, chosen_scores=c_scores.tolist(), rejected_scores=r_scores.tolist(),
                      chosen_mask=c_mask.int().tolist(), rejected_mask=r_mask.int().tolist())
             for pair, ((c_scores, r_scores), (c_mask, r_mask)) in zip(pairs, scored)]

@@ -26,4 +26,4 @@ def pair_row(pair: TokenizedPair, **values) -> dict:
 
 def row_pair(row: dict) -> TokenizedPair:
     return TokenizedPair(prompt_ids=row["prompt_ids"], chosen_ids=row["chosen_ids"],
-                         rejected_ids=row["rejected_ids"], row=row["row"])
+                         rejected_ids=row["rejected_ids"], row=row["row"], cut=tuple(row.get("cut", (False, False))))

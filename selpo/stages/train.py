@@ -49,7 +49,8 @@ def prepare(ctx: Context, policy, tokenizer):
         reference, _ = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=ctx.accelerator.device)
         examples = reference_examples(ctx, reference, tokenizer)
         del reference
-        return SelectiveDPO(beta=cfg.beta_for(name), ratio=cfg.selective_ratio, backend=backend), examples, None
+        return SelectiveDPO(beta=cfg.beta_for(name), ratio=cfg.selective_ratio, rule=cfg.selective_rule,
+                            backend=backend), examples, None
     if name == "guidance":
         reward_model, _ = load_reward_model(str(ctx.stage_dir("guidance") / "model"), device=ctx.accelerator.device)
         examples = weighted_examples(ctx, reward_model, chosen_responses(load_pairs(ctx, "train")))

@@ -4,7 +4,7 @@ and ``selpo compare`` draw them as heatmaps.
 
 - sepo: the oracle's reward log p_oracle - log p_initial; the key tokens of the score stage.
 - selective_dpo: log p_ref - log p_policy (chosen) or its negative (rejected) under the trained policy;
-  the top ``train.selective_ratio`` of each response, as at its last step.
+  the tokens ``train.selective_rule`` keeps of each response, as at its last step.
 - guidance: the final reward model's token rewards r_t; the loss reads the chosen responses only.
 - dpo, simpo: the trained policy's log-ratio log p_policy - log p_initial; every token is read.
 """
@@ -15,8 +15,7 @@ import json
 
 import torch
 
-from ..kernels import topk_mask
-from ..methods import selection_scores
+from ..methods import selection_scores, selective_mask
 from ..reward_model import load_reward_model, pair_rewards
 from .pipeline import Context
 from .score import load_scored
@@ -45,7 +44,8 @@ def _selective(ctx: Context, pair, policy, oracle) -> dict:
     logps, ref = torch.cat(policy), torch.cat(oracle)
     cu = torch.tensor([0, len(policy[0]), len(logps)], dtype=torch.int32)
     scores = selection_scores(logps, ref, cu)
-    mask = topk_mask(scores, cu, ctx.config.train.selective_ratio, largest=True, backend=ctx.config.backend)
+    train = ctx.config.train
+    mask = selective_mask(scores, cu, train.selective_ratio, train.selective_rule, ctx.config.backend)
     n = len(policy[0])
     return _row(pair, (scores[:n].tolist(), scores[n:].tolist()), (mask[:n].int().tolist(), mask[n:].int().tolist()))
 
