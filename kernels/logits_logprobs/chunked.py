@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import acc_dtype
+from ..dtypes import acc_dtype, shift_of
 
 # Logits held at once in the math buffer (32 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 23
@@ -31,7 +31,7 @@ def logsumexp_(x: torch.Tensor):
     gets lse = -inf, so its log-probs are -inf - (-inf) = nan, as log_softmax gives.
     """
     m = x.amax(dim=1)
-    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    m = shift_of(m)
     s = x.sub_(m[:, None]).exp_().sum(dim=1)
     return m + s.log(), s
 

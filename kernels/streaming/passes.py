@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from .. import ledger
-from ..dtypes import acc_dtype
+from ..dtypes import acc_dtype, shift_of
 from . import passes_torch
 
 
 def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """lse = m + log(s); a row of only -inf logits gets -inf (so its log-prob is nan, as log_softmax gives)."""
-    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m) + s.log()
+    return shift_of(m) + s.log()
 
 
 class Passes:

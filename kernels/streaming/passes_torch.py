@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import acc_dtype
+from ..dtypes import acc_dtype, shift_of
 
 
 def transform_(z: torch.Tensor, bias: torch.Tensor | None, temperature: float, softcap: float | None) -> torch.Tensor:
@@ -45,7 +45,7 @@ def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True) -> None:
     in_place = not keep and x.dtype == acc_dtype(x.dtype)
     z = transform_(x, bias, temperature, softcap) if in_place else transformed(x, bias, temperature, softcap)
     m_new = torch.maximum(m, z.amax(dim=1))
-    safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
+    safe = shift_of(m_new)
     s.mul_(torch.exp(m - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
     m.copy_(m_new)
 
@@ -77,7 +77,7 @@ def logprobs_and_grad_(x, bias, targets, x_t, loss_grad, temperature):
     exp(z - max) stays in x between the two halves, and the softmax is that over its row sum."""
     z = transform_(x, bias, temperature, None)
     m = z.amax(dim=1)
-    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    safe = shift_of(m)
     s = z.sub_(safe[:, None]).exp_().sum(dim=1)
     lse = safe + s.log()
     g = loss_grad(x_t - lse)

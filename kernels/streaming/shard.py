@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ledger
+from ..dtypes import shift_of
 from .passes import finish_lse
 
 
@@ -43,7 +44,7 @@ class VocabShard:
     def combine(self, m, s, x_t, inside):
         """(lse over the whole vocabulary, the target logit) of each row, from this shard's m, s and x_t."""
         top = self.all_reduce(m.clone(), dist.ReduceOp.MAX)
-        safe = torch.where(torch.isinf(top) & (top < 0), torch.zeros_like(top), top)
+        safe = shift_of(top)
         mine = s * torch.exp(m - safe)
         packed = self.all_reduce(torch.stack([mine, torch.where(inside, x_t, torch.zeros_like(x_t))]))
         return finish_lse(top, packed[0]), packed[1]
