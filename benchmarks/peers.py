@@ -68,7 +68,8 @@ def cce_logprobs(impl: str, device: str):
 
 
 def liger_logprobs(device: str):
-    """Liger-Kernel's fused linear cross-entropy, per token: ``-liger_fused_linear_cross_entropy(..., reduction="none")``."""
+    """Liger-Kernel's fused linear cross-entropy, per token:
+    ``-liger_fused_linear_cross_entropy(..., reduction="none")``."""
     if device != "cuda":
         raise Unavailable("Liger's fused linear cross-entropy is a Triton kernel for CUDA GPUs; its chunked "
                           "losses, which run on CPU, are preference losses (see the selective-loss case)")

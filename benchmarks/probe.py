@@ -1,5 +1,6 @@
 """The CPU memory probe: ``python -m benchmarks.probe CASE_JSON IMPL_KEY`` builds the case's inputs in this fresh
-process, measures one run of the implementation (harness.measure_peak) and prints ``PROBE {"extra": ..., "warm": ...}``."""
+process, measures one run of the implementation (harness.measure_peak) and prints
+``PROBE {"extra": ..., "warm": ...}``."""
 
 import json
 import sys

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes (CI): checks the suite, measures nothing")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", help="folder of the report (default: benchmarks/, or benchmarks/quick/ with --quick)")
-    parser.add_argument("--cases", default="", help="run only the cases whose id contains one of these (comma-separated)")
+    parser.add_argument("--cases", default="",
+                        help="run only the cases whose id contains one of these (comma-separated)")
     parser.add_argument("--impls", default="", help="run only these implementation keys (comma-separated)")
     parser.add_argument("--from-records", action="store_true",
                         help="run nothing: write the report from the records already in the output folder "

@@ -6,8 +6,7 @@ Every op takes a flat, packed layout (N tokens; segments given by int32 ``cu_seq
 
 from .linear_logprobs import linear_logprobs
 from .logits_logprobs import logprobs_from_logits
-from .losses import (dpo_loss, mean_lengths, plackett_luce_loss, sepo_loss, sequence_scores, simpo_loss,
-                     weighted_nll)
+from .losses import dpo_loss, mean_lengths, plackett_luce_loss, sepo_loss, sequence_scores, simpo_loss, weighted_nll
 from .segment_sum import segment_sum
 from .selective_loss import linear_selective_loss
 from .token_scores import token_scores

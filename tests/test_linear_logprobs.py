@@ -6,7 +6,7 @@ from conftest import BACKENDS
 from helpers import TOL
 
 from selpo.kernels import ledger, linear_logprobs
-from selpo.kernels.streaming import plan
+from selpo.kernels.streaming import passes_torch, plan
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D, V): N = 0 and 1, D not a power of two, V not a multiple of the vocabulary block (128).
@@ -80,6 +80,7 @@ def test_many_chunks_and_slices(backend, dtype, options, subset, monkeypatch):
     the backward groups its rows (dL/dweight added over the groups) and slices the vocabulary (dL/dhidden
     summed over the slices). With ignored targets the rows are gathered; without, hidden is read in place."""
     monkeypatch.setattr(plan, "BUFFER_BYTES", {"cpu": 8192 * 4, "cuda": 8192 * 4})
+    monkeypatch.setattr(passes_torch, "BLOCK_BYTES", 5000)  # the CPU passes walk each tile in blocks of rows
     options = dict(options)
     hidden, weight, bias, targets = make_inputs(400, 20, 300, dtype, bias=options.pop("bias", False))
     if not subset:

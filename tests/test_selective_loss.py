@@ -5,9 +5,8 @@ import torch
 from conftest import BACKENDS
 from helpers import TOL, cu_seqlens
 
-from selpo.kernels import linear_selective_loss
-from selpo.kernels import ledger
-from selpo.kernels.streaming import plan
+from selpo.kernels import ledger, linear_selective_loss
+from selpo.kernels.streaming import passes_torch, plan
 
 LOSSES = [("sepo", {"gamma": 1.7, "margin": 0.2}), ("dpo", {"beta": 0.3}), ("simpo", {"beta": 2.0, "gamma": 0.4}),
           ("weighted_nll", {})]
@@ -136,7 +135,8 @@ def test_bad_input(kwargs, match):
             "cu_seqlens": torch.tensor([0, 1, 3, 4, 6], dtype=torch.int32)}
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
-        linear_selective_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("cu_seqlens"), **args)
+        linear_selective_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("cu_seqlens"),
+                              **args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,3 +162,21 @@ def test_second_backward_is_refused():
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="handed over by the first backward"):
         value.backward()
+
+
+@pytest.mark.parametrize("loss, options", LOSSES)
+@pytest.mark.parametrize("head", [{}, {"softcap": 2.0, "temperature": 0.7}])
+def test_passes_in_row_blocks(loss, options, head, monkeypatch):
+    """The CPU passes walk a chunk's logits in blocks of rows (the last one partial): the same loss and
+    gradients as full logits, over several chunks of pairs."""
+    monkeypatch.setattr(passes_torch, "BLOCK_BYTES", 3 * 71 * 8)  # three float64 rows of the vocabulary
+    monkeypatch.setattr(plan, "LOSS_BUFFER_BYTES", {"cpu": 16 * 71 * 8, "cuda": 16 * 71 * 8})
+    lengths = [30, 2, 1, 25, 9, 14, 6, 11]
+    hidden, weight, targets, cu, extra = make_batch(lengths)
+    select = {"scores": torch.randn(hidden.shape[0]), "ratio": 0.6}
+    got, _ = run("torch", torch.float64, hidden, weight, targets, cu, loss, {**options, **head}, extra, upstream=2.0,
+                 **select)
+    want, _ = run("naive", torch.float64, hidden, weight, targets, cu, loss, {**options, **head}, extra, upstream=2.0,
+                  **select)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() <= 1e-10 * max(1.0, w.abs().max().item())

@@ -2,6 +2,11 @@
 
 A logits tile ``x`` [r, w] holds raw products h . w of vocabulary columns [v0, v0 + w); ``z = transform(x)``
 is what the softmax sees: ``softcap(x + b) / T``. Math in fp32 (fp64 for fp64 inputs).
+
+A pass is several PyTorch ops (max, subtract, exp, sum, ...), each a sweep over its operand. Run over a whole
+tile, each sweep streams it from memory again; so each pass walks the tile in blocks of rows small enough to
+stay in a core's cache (``BLOCK_BYTES``) and runs all its ops on a block before the next: the tile crosses
+memory about once per pass, as one Triton program's registers make it on a GPU.
 """
 
 from __future__ import annotations
@@ -9,6 +14,17 @@ from __future__ import annotations
 import torch
 
 from ..dtypes import acc_dtype, shift_of
+
+# Bytes of a block of rows (in the math dtype) that a pass finishes before moving on: within the 1-2 MiB L2
+# cache of one core of a current server CPU, split between the threads of an op.
+BLOCK_BYTES = 1 << 20
+
+
+def row_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """[a, b) ranges of rows of ``x`` of about BLOCK_BYTES each in the math dtype (at least one row)."""
+    rows, cols = x.shape
+    step = max(1, BLOCK_BYTES // max(1, cols * acc_dtype(x.dtype).itemsize))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
 def transform_(z: torch.Tensor, bias: torch.Tensor | None, temperature: float, softcap: float | None) -> torch.Tensor:
@@ -43,45 +59,52 @@ def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True) -> None:
 
     A row holding nan or +inf ends with a nan sum, never a number."""
     in_place = not keep and x.dtype == acc_dtype(x.dtype)
-    z = transform_(x, bias, temperature, softcap) if in_place else transformed(x, bias, temperature, softcap)
-    m_new = torch.maximum(m, z.amax(dim=1))
-    safe = shift_of(m_new)
-    s.mul_(torch.exp(m - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
-    m.copy_(m_new)
+    for a, b in row_blocks(x):
+        z = (transform_ if in_place else transformed)(x[a:b], bias, temperature, softcap)
+        m_new = torch.maximum(m[a:b], z.amax(dim=1))
+        safe = shift_of(m_new)
+        s[a:b].mul_(torch.exp(m[a:b] - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
+        m[a:b] = m_new
 
 
 def grad_logits_(x, bias, targets, v0, g, lse, temperature, softcap) -> None:
     """x <- dL/dx = g/T * (onehot(target) - softmax(z)) * softcap'(x + b), in place, for upstream gradients
     ``g`` [r] (fp32) of the rows' log-probs; ``targets`` [r] are the rows' targets (others than [v0, v0+w)
     simply match no column)."""
-    in_place = x.dtype == acc_dtype(x.dtype)
-    z = transform_(x, bias, temperature, softcap) if in_place else transformed(x, bias, temperature, softcap)
     cols = targets.long() - v0
     inside = (cols >= 0) & (cols < x.shape[1])
-    g_t = g.to(z.dtype) / temperature
-    if softcap is None:  # g/T * onehot - (g/T) * p
-        z.sub_(lse.to(z.dtype)[:, None]).exp_().mul_(-g_t[:, None])
-        z.scatter_add_(1, cols.clamp(0, x.shape[1] - 1)[:, None], (g_t * inside)[:, None])
-    else:
-        tanh_sq = (z * (temperature / softcap)).square_()
-        z.sub_(lse.to(z.dtype)[:, None]).exp_().neg_()
-        z.scatter_add_(1, cols.clamp(0, x.shape[1] - 1)[:, None], inside.to(z.dtype)[:, None])
-        z.mul_(tanh_sq.neg_().add_(1)).mul_(g_t[:, None])
-    if not in_place:
-        x.copy_(z)
+    cols = cols.clamp(0, x.shape[1] - 1)[:, None]
+    g_t = g.to(acc_dtype(x.dtype)) / temperature
+    in_place = x.dtype == acc_dtype(x.dtype)
+    for a, b in row_blocks(x):
+        z = (transform_ if in_place else transformed)(x[a:b], bias, temperature, softcap)
+        lse_b = lse[a:b].to(z.dtype)[:, None]
+        if softcap is None:  # g/T * onehot - (g/T) * p
+            z.sub_(lse_b).exp_().mul_(-g_t[a:b, None])
+            z.scatter_add_(1, cols[a:b], (g_t[a:b] * inside[a:b])[:, None])
+        else:
+            tanh_sq = (z * (temperature / softcap)).square_()
+            z.sub_(lse_b).exp_().neg_()
+            z.scatter_add_(1, cols[a:b], inside[a:b].to(z.dtype)[:, None])
+            z.mul_(tanh_sq.neg_().add_(1)).mul_(g_t[a:b, None])
+        if not in_place:
+            x[a:b] = z
 
 
 def logprobs_and_grad_(x, bias, targets, x_t, loss_grad, temperature):
-    """The fused loss's tile, spanning the whole vocabulary, in the math dtype and without softcap, in four
-    passes: (lse, g) with g = loss_grad(x_t - lse) (None: no gradient wanted), and x <- dL/dx when g is given.
-    exp(z - max) stays in x between the two halves, and the softmax is that over its row sum."""
-    z = transform_(x, bias, temperature, None)
-    m = z.amax(dim=1)
-    safe = shift_of(m)
-    s = z.sub_(safe[:, None]).exp_().sum(dim=1)
-    lse = safe + s.log()
+    """The fused loss's tile, spanning the whole vocabulary, in the math dtype and without softcap: (lse, g)
+    with g = loss_grad(x_t - lse) (None: no gradient wanted), and x <- dL/dx when g is given. exp(z - max)
+    stays in x between the two halves, and the softmax is that over its row sum: the tile crosses memory
+    twice, once per half."""
+    m = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    s = torch.empty_like(m)
+    for a, b in row_blocks(x):
+        z = transform_(x[a:b], bias, temperature, None)
+        torch.amax(z, dim=1, out=m[a:b])
+        torch.sum(z.sub_(shift_of(m[a:b])[:, None]).exp_(), dim=1, out=s[a:b])
+    lse = shift_of(m) + s.log()
     g = loss_grad(x_t - lse)
     if g is not None:
-        g_t = g.to(z.dtype) / temperature
-        z.mul_((-g_t / s)[:, None]).scatter_add_(1, targets.long()[:, None], g_t[:, None])
+        g_t = g.to(x.dtype) / temperature
+        x.mul_((-g_t / s)[:, None]).scatter_add_(1, targets.long()[:, None], g_t[:, None])
     return lse, g
