@@ -2,7 +2,7 @@
 # The GPU check in one call, sized for about 8 minutes on one H100 or H200. Run from the repository root on a
 # machine with a CUDA GPU and selpo[test,bench] importable (benchmarks/GPU-NOTES.md: how a lease is run here):
 #
-#     bash benchmarks/gpu_check.sh [OUT_DIR] [TOTAL_SECONDS]
+#     bash benchmarks/gpu_check.sh [OUT_DIR] [TOTAL_SECONDS] [TRAIN_SECONDS]
 #
 # In order, each under its own time limit so that a short lease still brings back what ran:
 #   1. the GPU's ceilings (cuBLAS bf16 matmul at the headline shape, a 2 GiB copy), and each op at the headline
@@ -13,6 +13,9 @@
 #   3. the benchmark suite's headline cases (selpo against naive, naive under torch.compile, Liger, CCE), then
 #      the sweeps as time allows; records in results-cuda.jsonl, report RESULTS-cuda.md.
 # SELPO_GPU_BENCH_ARGS replaces the suite's default selection (e.g. "--cases=... --impls=...").
+# With TRAIN_SECONDS, the training path follows in OUT_DIR/train for that long (gpu_train_check.sh: the trainer in bf16
+# with the triton backend against torch, FSDP, `selpo compare`, the step against TRL). Where one command may run only
+# 10 minutes (the lease's machine), leave it out and run gpu_train_check.sh as the next call (GPU-NOTES.md).
 set -uo pipefail
 out=${1:-benchmarks/gpu}
 total=${2:-470}
@@ -48,3 +51,6 @@ if [ "$budget" -gt 30 ]; then
     tail -n 25 "$out/bench.log"
 fi
 echo "gpu_check took $(( SECONDS - start )) s"
+if [ "${3:-0}" -gt 0 ]; then
+    bash "$(dirname "$0")/gpu_train_check.sh" "$out/train" "$3"
+fi

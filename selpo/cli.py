@@ -9,10 +9,12 @@ multi-machine: ``accelerate launch -m selpo.cli run ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import config as config_module
+from . import progress
 from .stages import Context, StageError, clear_stage, run_all, run_stage, stages
 
 CONFIG_HELP = ("TOML file with run-wide keys at the top and [data], [oracle], [guidance], [score], [train], [eval], "
@@ -28,11 +30,19 @@ def _keys_epilog(keys: tuple[str, ...]) -> str:
     return "configuration keys this stage depends on (set with --set KEY=VALUE):\n" + "\n".join(parts)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, work: bool = True) -> None:
+    """--config, --set and --run-dir; ``work``: also --quiet, for commands that run stages."""
+    _add_settings(parser)
     parser.add_argument("--run-dir", metavar="DIR",
                         help="the run folder (default: run_dir of the config, runs/default)")
+    if work:
+        parser.add_argument("--quiet", action="store_true",
+                            help="no progress bars (they are drawn only when stderr is a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     for stage in stages().values():
-        sub = commands.add_parser(stage.name, help=stage.help, description=f"{stage.help}. Reads the outputs of: "
-                                  f"{', '.join(stage.needs) or 'nothing but the data files'} (those its method runs); writes "
-                                  f"run_dir/{stage.name}/. Runs again even if already done.",
+        reads = ", ".join(stage.needs) or "nothing but the data files"
+        sub = commands.add_parser(stage.name, help=stage.help,
+                                  description=f"{stage.help}. Reads the outputs of: {reads} (those its method runs); "
+                                  f"writes run_dir/{stage.name}/. Runs again even if already done.",
                                   epilog=_keys_epilog(stage.keys), formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(sub)
         sub.add_argument("--fresh", action="store_true", help=f"delete run_dir/{stage.name}/ first (checkpoints "
@@ -61,32 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--pairs", type=int, default=400, help="with --generate: pairs in all (default 400)")
             sub.add_argument("--test-pairs", type=int, default=80, help="with --generate: held-out pairs (default 80)")
     run = commands.add_parser("run", help="run every stage not yet done, in order, and print the results",
-                              description="Runs the stages of the configured method in order (sepo: data, oracle, score, "
-                              "train, eval, report; selective_dpo: no score; guidance: guidance instead of oracle "
-                              "and score; dpo, simpo: data, train, eval, report), skipping "
-                              "stages already done in the run folder with the same configuration (a stage whose "
-                              "keys changed, or that follows a redone one, runs again). A killed training stage "
-                              "resumes from its last checkpoint. Ends with a results table and the report's path.",
+                              description="Runs the stages of the configured method in order (its own list, "
+                              "Method.stages in selpo.methods: see the README's method table), skipping stages "
+                              "already done in the run folder with the same configuration (a stage whose keys "
+                              "changed, or that follows a redone one, runs again). A killed training stage resumes "
+                              "from its last checkpoint. Ends with a results table and the report's path.",
                               epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(run)
     comp = commands.add_parser("compare", help="run the methods side by side and write a comparison report",
-                               description="Runs each method (default: all five) over a small grid of its "
-                               "strength parameter on the same data and step budget, reusing finished runs, and "
+                               description="Runs each method (default: every registered one) over a small grid of "
+                               "its strength parameter on the same data and step budget, reusing finished runs, and "
                                "writes DIR/compare.html (reward-vs-KL frontier, a table per method, token "
                                "heatmaps), DIR/compare.md and DIR/frontier.png. Its default size is smaller than "
                                "`selpo run`'s (see selpo.compare.DEFAULTS; --config or --set override it).",
                                epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comp.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
-    comp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
+    _add_settings(comp)
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
     comp.add_argument("--dir", default="runs/compare", help="folder of the runs and the report (default runs/compare)")
-    comp.add_argument("--methods", default="", help="comma-separated methods (default: "
-                      "sepo,selective_dpo,guidance,dpo,simpo)")
+    comp.add_argument("--methods", default="", help="comma-separated methods (default: every registered one)")
     comp.add_argument("--grid", metavar="METHOD=KEY:V1,V2", action="append", default=[],
                       help="the strength values of a method, e.g. dpo=train.beta:0.05,0.1,0.5 (repeatable)")
     show = commands.add_parser("config", help="print the configuration in use (TOML, documented) or all keys",
                                description="Prints the resolved configuration as a TOML file with every key "
                                "documented, ready to edit and pass back with --config.")
-    _add_common(show)
+    _add_common(show, work=False)
     show.add_argument("--keys", action="store_true", help="list every key with its default and documentation")
     return parser
 
@@ -125,8 +134,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     accelerator = make_accelerator(config)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
-    rows, path = compare(config, accelerator, args.dir, methods, args.grid)
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+    rows, path = compare(config, accelerator, args.dir, chosen, args.grid)
     if accelerator.is_main_process:
         print(f"\nreport: {path}\n" + (Path(args.dir) / "compare.md").read_text())
     return 0
@@ -134,36 +143,46 @@ def _compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress.QUIET = getattr(args, "quiet", False)
     try:
-        if args.command == "compare":
-            return _compare(args)
-        config = resolve_config(args)
-        if args.command == "config":
-            if args.keys:
-                print("run-wide keys:\n" + config_module.describe())
-                for name in config_module.section_names():
-                    print(f"[{name}]\n" + config_module.describe(name))
-            else:
-                print(config_module.to_toml(config), end="")
-            return 0
-        if args.command == "data" and args.generate:
-            _generate(config, args)
-            return 0
-        from .trainer import make_accelerator
-
-        ctx = Context(config, make_accelerator(config))
-        if args.command == "run":
-            records = run_all(ctx)
-        else:
-            if args.fresh:
-                clear_stage(ctx, args.command)
-            records = {args.command: run_stage(ctx, args.command)}
-        if ctx.accelerator.is_main_process:
-            _print_results(records)
-        return 0
+        return _main(args)
     except (ValueError, FileNotFoundError, StageError) as e:
         print(f"selpo: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of stdout left (`selpo config --keys | head`): nothing more to say, and nowhere to say it.
+        # Python's own flush at exit would fail again, so stdout now points at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "config" and args.keys:  # the keys and their defaults: no configuration to resolve
+        print("run-wide keys:\n" + config_module.describe())
+        for name in config_module.section_names():
+            print(f"[{name}]\n" + config_module.describe(name))
+        return 0
+    config = resolve_config(args)
+    if args.command == "config":
+        print(config_module.to_toml(config), end="")
+        return 0
+    if args.command == "data" and args.generate:
+        _generate(config, args)
+        return 0
+    from .trainer import make_accelerator
+
+    ctx = Context(config, make_accelerator(config))
+    if args.command == "run":
+        records = run_all(ctx)
+    else:
+        if args.fresh:
+            clear_stage(ctx, args.command)
+        records = {args.command: run_stage(ctx, args.command)}
+    if ctx.accelerator.is_main_process:
+        _print_results(records)
+    return 0
 
 
 if __name__ == "__main__":

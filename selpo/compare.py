@@ -1,7 +1,8 @@
 """``selpo compare``: the methods side by side, on one task, one data set and one step budget.
 
-Each method runs over a small grid of its strength parameter (``GRID``), every run a normal run folder
-under ``DIR/runs/<method>-<key>=<value>/`` with the same data and the same training settings; the stages
+Each method runs over a small grid of its strength parameter (``Method.strength`` and ``Method.grid``), every
+run a normal run folder under ``DIR/runs/<method>-<key>=<value>/`` with the same data and the same training
+settings; the stages
 every run shares with the same configuration (``data``, and ``oracle`` for SePO and Selective-DPO) run once
 in ``DIR/shared/`` and are linked into each run. Finished stages are reused, so a second call (or one with
 a method added) only runs what is missing. The report, ``DIR/compare.html`` with ``frontier.png`` and
@@ -22,22 +23,14 @@ import os
 from pathlib import Path
 
 from . import config as config_module
+from . import methods as method_registry
 from .atomic import write_text_atomic
-from .config import METHODS, RunConfig, tomllib
+from .config import RunConfig, tomllib
+from .context import Context, read_jsonl
 from .models import load_tokenizer
-from .stages import PIPELINES, Context, run_all
-from .stages.report import NAMES, STYLE, heatmap_html
-from .stages.store import read_jsonl
-from .stages.views import LEGENDS
+from .pages import STYLE, heatmap_html, table
+from .stages import pipeline, run_all
 
-# The strength each method is compared over: (key, values). The first value is the heatmap's run.
-GRID = {
-    "sepo": ("train.gamma", (1.0, 2.5)),
-    "selective_dpo": ("train.beta", (0.1, 0.5)),
-    "guidance": ("guidance.temperature", (2.0, 0.5)),
-    "dpo": ("train.beta", (0.1, 0.5)),
-    "simpo": ("train.beta", (2.0, 5.0)),
-}
 # The comparison's default size on top of the run defaults: a smaller task than `selpo run`'s, so that
 # ten runs finish in well under an hour on 2 CPU cores (measured: see README).
 DEFAULTS = ("data.max_train_pairs=128", "eval.prompts=24", "eval.token_pairs=16", "guidance.every=8")
@@ -45,13 +38,15 @@ SHARED = ("data", "oracle")  # stages whose configuration is the same in every r
 
 
 def parse_grid(items: list[str]) -> dict[str, tuple[str, tuple[float, ...]]]:
-    """``METHOD=KEY:V1,V2,...`` items over the default GRID."""
-    grid = dict(GRID)
+    """Method -> (key, values) it is compared over: each method's own strength and grid, replaced by
+    ``METHOD=KEY:V1,V2,...`` items."""
+    grid = {name: (method_registry.get(name).strength, method_registry.get(name).grid)
+            for name in method_registry.names()}
     for item in items:
         method, _, rest = item.partition("=")
         key, _, values = rest.partition(":")
-        if method not in METHODS or not key or not values:
-            raise ValueError(f"--grid takes METHOD=KEY:V1,V2 with METHOD one of {METHODS}, got {item!r}")
+        if method not in grid or not key or not values:
+            raise ValueError(f"--grid takes METHOD=KEY:V1,V2 with METHOD one of {tuple(grid)}, got {item!r}")
         try:
             grid[method] = (key, tuple(float(v) for v in values.split(",")))
         except ValueError:
@@ -76,7 +71,7 @@ def link_shared(config: RunConfig, out: Path) -> None:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in SHARED:
-        if stage in PIPELINES[config.method]:
+        if stage in pipeline(config.method):
             target = out / "shared" / stage
             target.mkdir(parents=True, exist_ok=True)
             link = run_dir / stage
@@ -94,7 +89,7 @@ def summarize(method: str, value: float, config: RunConfig, records: dict) -> di
     """One row of the comparison from a finished run's stage records."""
     results = records["eval"]["summary"]
     policy = results["policy"]
-    before = [s for s in PIPELINES[method] if s not in ("data", "train", "eval", "report")]
+    before = [s for s in pipeline(method) if s not in ("data", "train", "eval", "report")]
     return {"method": method, "strength": value, "run_dir": config.run_dir,
             "reward": policy["reward"], "kl": policy["kl"], "initial_reward": results["initial"]["reward"],
             "reward_spec": results.get("reward", {}).get("spec", "vader"),
@@ -115,7 +110,8 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     ax.scatter([0.0], [initial], color="black", marker="*", s=90, label="initial model", zorder=3)
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["kl"], r["reward"], r["strength"]) for r in rows if r["method"] == method)
-        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=NAMES[method])[0]
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                       label=method_registry.get(method).title)[0]
         for kl, reward, strength in points:
             ax.annotate(f"{strength:g}", (kl, reward), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=line.get_color())
@@ -145,7 +141,8 @@ def table_cells(r: dict, key: str) -> list[str]:
 def markdown(rows: list[dict], grid) -> str:
     lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {NAMES[r['method']]} | " + " | ".join(table_cells(r, grid[r["method"]][0])) + " |")
+        title = method_registry.get(r["method"]).title
+        lines.append(f"| {title} | " + " | ".join(table_cells(r, grid[r["method"]][0])) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,21 +152,17 @@ def write_report(rows: list[dict], grid, out: Path, pairs: int, meta: str) -> No
     write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
     tokenizer = None
     sections = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        key = grid[method][0]
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r, key)) + "</tr>"
-                       for r in mine)
-        sections.append(f"<h3>{NAMES[method]}</h3><table><tr>{head}</tr>{body}</table>")
     heatmaps = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        first = next(r for r in rows if r["method"] == method)
+    for name in dict.fromkeys(r["method"] for r in rows):
+        method, key = method_registry.get(name), grid[name][0]
+        sections.append(f"<h3>{method.title}</h3>"
+                        + table([table_cells(r, key) for r in rows if r["method"] == name], COLUMNS))
+        first = next(r for r in rows if r["method"] == name)
         config = config_module.load(Path(first["run_dir"]) / "config.toml")
         tokenizer = tokenizer or load_tokenizer(config.model)
         shown = read_jsonl(Path(first["run_dir"]) / "eval" / "tokens.jsonl")[:pairs]
-        heatmaps.append(f"<h3>{NAMES[method]} ({grid[method][0]}={first['strength']:g})</h3>"
-                        f"<p>{LEGENDS[method]}</p>{heatmap_html(tokenizer, shown)}")
+        heatmaps.append(f"<h3>{method.title} ({key}={first['strength']:g})</h3>"
+                        f"<p>{method.legend}</p>{heatmap_html(tokenizer, shown)}")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>selpo compare</title>
 <style>{STYLE}</style></head><body>
 <h1>Methods compared</h1><p>{html.escape(meta)}</p>
@@ -191,10 +184,11 @@ def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | 
             grid_items: list[str] = ()) -> tuple[list[dict], Path]:
     """Runs (or reuses) every run of the comparison and writes its report; returns (rows, report path)."""
     out = Path(out)
-    methods = list(methods or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    methods = list(methods or method_registry.names())
+    unknown = [m for m in methods if m not in method_registry.names()]
     if unknown:
-        raise ValueError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(method_registry.names())}")
     if base.eval.reward == "none":
         raise ValueError("eval.reward: selpo compare plots each method's reward against its KL, so it needs a reward "
                          "(vader, a reward model folder or module:function), not none")
@@ -205,7 +199,7 @@ def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | 
         if accelerator.is_main_process:
             link_shared(config, out)
         accelerator.wait_for_everyone()
-        accelerator.print(f"==== {NAMES[method]}, {grid[method][0]}={value:g}: {config.run_dir}")
+        accelerator.print(f"==== {method_registry.get(method).title}, {grid[method][0]}={value:g}: {config.run_dir}")
         records = run_all(Context(config, accelerator))
         rows.append(summarize(method, value, config, records))
     meta = (f"{len(runs)} runs on the same {base.data.train!r} training pairs "

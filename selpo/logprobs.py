@@ -32,10 +32,11 @@ def response_states(model: torch.nn.Module, pairs: PairBatch) -> tuple[torch.Ten
 
 @torch.no_grad()
 def pair_logps(accelerator: Accelerator, model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int,
-               backend: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+               backend: str = "auto", desc: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per pair, float32 CPU (chosen [len(chosen_ids)], rejected [len(rejected_ids)]) log-probs of the responses.
 
-    Runs under the accelerator's autocast (as training does), sharded over the processes.
+    Runs under the accelerator's autocast (as training does), sharded over the processes; ``desc`` names the
+    pass on a progress bar.
     """
     model.eval()
 
@@ -46,4 +47,4 @@ def pair_logps(accelerator: Accelerator, model, pairs: list[TokenizedPair], *, p
             values = linear_logprobs(hidden, head.weight, batch.targets, backend=backend, **head.op_kwargs())
         return split_packed(values.float().cpu(), batch.cu_seqlens.cpu())
 
-    return map_batches(accelerator, pairs, batch_size, logps)
+    return map_batches(accelerator, pairs, batch_size, logps, desc=desc)

@@ -2,9 +2,14 @@
 token a reward, read at the token itself, i.e. after the model has seen it.
 
 Two heads (``guidance.head``): ``linear``, selpo's, a linear layer and a sigmoid, rewards in (0, 1); and
-``mlp``, the released code's, a ReLU MLP (``MLP_HIDDEN`` units) whose output is bounded by a double softplus,
-``lo + softplus(hi - softplus(hi - x) - lo)`` with lo = 1e-8 and hi = 1 (a soft clamp, upper end first:
-rewards lie in (1e-8, 1e-8 + log(1 + e)), i.e. below about 1.31, as the two softplus steps leave them).
+``mlp``, the released code's (Shentao-YANG/Preference_Grounded_Guidance, ``sum_task/reward_model.py`` and
+``prompt_task/rlprompt/models/reward_model.py``, their default ``use_softplus=1``), matched exactly: one hidden
+layer of ``MLP_HIDDEN`` ReLU units, initialised as there (Xavier-uniform weights with gain 1e-4, every bias
+-1e-4, ``sum_task/utils.py``), its output x bounded by two softplus steps, first from above by hi = 1, then from
+below by lo = 1e-8: ``lo + softplus((hi - softplus(hi - x)) - lo)`` (``double_softplus``). The released code
+calls this scaling "to [0,1]", but the second step lifts the top: rewards lie in (1e-8, 1e-8 + log(1 + e)), up
+to about 1.3133 (x = 0 gives log(1 + sigmoid(1)), about 0.549). selpo follows the code, not the comment. One
+step is left out: the released head maps a NaN reward to 0.0; selpo lets it propagate, so a NaN is seen.
 
 It is a transformers token-classification model with one label (the head replaces its ``score`` layer, and
 ``config.selpo_head`` records which head it has), so it saves, loads and trains like any other model in the
@@ -14,14 +19,12 @@ pipeline (``save_pretrained``, gradient checkpointing, Accelerate).
 from __future__ import annotations
 
 import torch
-
 from accelerate import Accelerator
 
 from .data import PairBatch, TokenizedPair, TokenizedRanking
 from .distributed import map_batches
 from .examples import Example, collate, split_packed
 from .models import attention_implementation, load_tokenizer, resolve_model_path
-
 
 HEADS = ("linear", "mlp")
 MLP_HIDDEN = 2048
@@ -45,12 +48,20 @@ def load_reward_model(path: str, *, device: str | torch.device = "cpu", head: st
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.selpo_head = saved_head or head
     if model.config.selpo_head == "mlp":
-        width = model.score.in_features
-        model.score = torch.nn.Sequential(torch.nn.Linear(width, MLP_HIDDEN), torch.nn.ReLU(),
-                                          torch.nn.Linear(MLP_HIDDEN, 1))
+        model.score = mlp_head(model.score.in_features)
         if saved_head == "mlp":
             _load_head(model, folder)
     return model.to(device), tokenizer
+
+
+def mlp_head(width: int) -> torch.nn.Sequential:
+    """A fresh released-code MLP head on hidden states of ``width``: its near-zero start (every output about
+    -1e-4, every reward about 0.549) gives all tokens the same reward until it learns."""
+    head = torch.nn.Sequential(torch.nn.Linear(width, MLP_HIDDEN), torch.nn.ReLU(), torch.nn.Linear(MLP_HIDDEN, 1))
+    for layer in (head[0], head[2]):
+        torch.nn.init.xavier_uniform_(layer.weight, gain=1e-4)
+        torch.nn.init.constant_(layer.bias, -1e-4)
+    return head
 
 
 def _load_head(model, folder: str) -> None:
@@ -67,13 +78,18 @@ def _load_head(model, folder: str) -> None:
         raise ValueError(f"{folder}: its MLP reward head does not load (missing {missing}, unexpected {unexpected})")
 
 
-def bound(model, x: torch.Tensor) -> torch.Tensor:
-    """The head's output as token rewards: a sigmoid (linear head) or the double-softplus clamp (MLP head)."""
-    if getattr(model.config, "selpo_head", "linear") == "linear":
-        return torch.sigmoid(x)
+def double_softplus(x: torch.Tensor) -> torch.Tensor:
+    """The released MLP head's bound (module docstring): a soft min with hi, then a soft max with lo."""
     lo, hi = BOUNDS
     softplus = torch.nn.functional.softplus
-    return lo + softplus(hi - softplus(hi - x) - lo)
+    return lo + softplus((hi - softplus(hi - x)) - lo)
+
+
+def bound(model, x: torch.Tensor) -> torch.Tensor:
+    """The head's output as token rewards: a sigmoid (linear head) or ``double_softplus`` (MLP head)."""
+    if getattr(model.config, "selpo_head", "linear") == "linear":
+        return torch.sigmoid(x)
+    return double_softplus(x)
 
 
 def token_rewards(model, pairs: PairBatch) -> torch.Tensor:

@@ -14,26 +14,60 @@ and resumed from its last checkpoint ends with the same weights as one never int
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from torch import nn
 
-from . import checkpoint
+from . import checkpoint, progress
 from .atomic import write_text_atomic
-from .config import LoopConfig, RunConfig
 from .data import BatchSchedule
-from .examples import Example, collate
-from .methods import Method, MethodModule
+from .examples import Batch, Example, collate
+
+if TYPE_CHECKING:
+    from .config import LoopConfig, RunConfig
+
+
+class Objective(Protocol):
+    """What the loop trains with: the loss of one micro-batch and its detached metrics (each method's, in
+    ``selpo.methods``, or any object with this ``loss``).
+
+    ``loss(model, batch)`` returns ``(loss, metrics)``: a 0-dim loss, the mean over the batch's pairs,
+    and metrics as detached 1-dim tensors (e.g. per pair: "accuracy", "margin", "chosen_reward",
+    "rejected_reward"; per response: "selected", the tokens the loss read, from which the module adds
+    "token_share"), which the loop averages over the global batch.
+    """
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class ObjectiveModule(nn.Module):
+    """The model and its objective as one module whose forward returns the loss.
+
+    The loop wraps this module with Accelerate (DDP, FSDP), so the whole loss, including the output
+    head used by the fused op, runs inside the wrapped forward, where those wrappers expect it.
+    """
+
+    def __init__(self, lm: nn.Module, objective: Objective):
+        super().__init__()
+        self.lm = lm
+        self.objective = objective
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, metrics = self.objective.loss(self.lm, batch)
+        if "selected" in metrics:  # the share of each response's tokens the loss reads
+            lengths = batch.pairs.cu_seqlens.diff().float().clamp(min=1)
+            metrics = {**metrics, "token_share": metrics["selected"].float() / lengths}
+        return loss, metrics
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -127,7 +161,7 @@ def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, exam
     accumulated (synchronised across processes on the last one only), clipped, applied.
 
     Returns the values to log: the learning rate used, the gradient norm, and the means of the loss and
-    the method's metrics over the global batch.
+    the objective's metrics over the global batch.
     """
     world, rank, mb = accelerator.num_processes, accelerator.process_index, config.micro_batch_size
     accum = config.batch_size // (mb * world)
@@ -147,17 +181,59 @@ def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, exam
     return {"lr": lr, **tally.means(accelerator), "grad_norm": None if grad_norm is None else float(grad_norm)}
 
 
-def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: Method, examples: list[Example],
-          config: LoopConfig, out_dir: str | Path, *, seed: int, fingerprint: str = "",
+def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
+    """The learning-rate factor of optimizer step ``step`` (0-based): a linear warm-up over the first ``warmup``
+    steps, (step + 1) / (warmup + 1), then a cosine decay from 1 towards 0 over the other steps.
+
+    The warm-up counts from step 1, not 0: no step runs at learning rate 0, so even a one-step training
+    (a small oracle subset, say) moves its model.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@contextlib.contextmanager
+def _own_registrations(accelerator: Accelerator):
+    """Gives a training its own slots in the process's one accelerator: its checkpoints save and restore only
+    the model and optimizer it prepares, which are forgotten when it ends, and a training run inside another's
+    ``before_step`` (guidance's retraining rounds) leaves the outer training's slots as they were. Accelerate
+    keeps these slots in private lists, set aside here and put back."""
+    names = ("_models", "_optimizers", "_schedulers", "_dataloaders")
+    outer = {name: getattr(accelerator, name) for name in names}
+    for name in names:
+        setattr(accelerator, name, [])
+    try:
+        yield
+    finally:
+        accelerator.free_memory()  # drops this training's model, optimizer and scheduler
+        for name, value in outer.items():
+            setattr(accelerator, name, value)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing under the name the installed transformers gives it, so that
+    nothing warns: ``activation_checkpointing_enable`` where it exists (there ``gradient_checkpointing_enable``
+    is a deprecated alias), else ``gradient_checkpointing_enable``. Torch warns unless ``use_reentrant`` is set."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective: Objective,
+          examples: list[Example], config: LoopConfig, out_dir: str | Path, *, seed: int, fingerprint: str = "",
           on_step: Callable[[int], None] | None = None,
           before_step: Callable[[int, torch.nn.Module], None] | None = None) -> torch.nn.Module:
-    """Trains ``model`` with ``method`` on ``examples``; returns it trained, saved in ``out_dir/model``.
+    """Trains ``model`` with ``objective`` on ``examples``; returns it trained, saved in ``out_dir/model``.
 
     ``out_dir`` receives ``checkpoints/``, ``metrics.jsonl`` (one JSON record per logged step) and
     ``model/``. A checkpoint there with the same ``fingerprint`` (a hash of everything that shapes the
     training) and the same number of steps is resumed. ``on_step(step)`` runs after every optimizer step
     and its checkpoint (e.g. to evaluate); ``before_step(step, model)`` before every one, the first after a
-    resume included (e.g. to alternate with another model: it may change ``examples`` in place).
+    resume included (e.g. to alternate with another model: it may change ``examples`` in place, and may
+    itself call ``train`` on the same accelerator).
     """
     out_dir = Path(out_dir)
     per_micro_step = config.micro_batch_size * accelerator.num_processes
@@ -174,18 +250,19 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: M
     set_seed(seed)
     model.train()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = accelerator.prepare(MethodModule(model, method))
-    optimizer = accelerator.prepare(torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
-    # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
-    try:
+        enable_gradient_checkpointing(model)
+    with _own_registrations(accelerator):
+        module = accelerator.prepare(ObjectiveModule(model, objective))
+        optimizer = accelerator.prepare(torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
+        # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
+        factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         start = _resume(accelerator, out_dir / "checkpoints", fingerprint, total, {"scheduler": scheduler})
         with contextlib.ExitStack() as stack:
             log = stack.enter_context(_open_log(out_dir / "metrics.jsonl", start)) if accelerator.is_main_process \
                 else None
-            bar = stack.enter_context(tqdm(total=total, initial=start, desc=out_dir.name,
-                                           disable=not accelerator.is_main_process))
+            bar = stack.enter_context(progress.bar(total, out_dir.name, initial=start, leave=True,
+                                                   show=accelerator.is_main_process))
             began = time.perf_counter()
             for step in range(start, total):
                 if before_step is not None:
@@ -207,5 +284,3 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, method: M
                     on_step(done)
         save_model(accelerator, module, tokenizer, out_dir / "model")
         return accelerator.unwrap_model(module).lm
-    finally:
-        accelerator.free_memory()  # forget this run's model, optimizer and scheduler

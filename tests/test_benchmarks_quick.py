@@ -98,3 +98,25 @@ def test_wrong_result_is_shown_as_wrong(benchmarks_pkg):
     report = benchmarks_pkg[4]
     assert report.fmt_correct({"status": "ok", "correct": False, "error": 0.25, "tol": 1e-4}).startswith("**NO**")
     assert report.fmt_correct({"status": "n/a", "reason": "why"}) == "n/a: why"
+
+
+@pytest.mark.slow
+def test_dpo_step_against_trl_runs_at_toy_size(tmp_path):
+    """benchmarks/training_step.py's DPO part end to end on the tiny model: selpo's trainer and TRL's DPOTrainer
+    each take their steps (on the same token ids, which the benchmark checks before timing) in fresh processes,
+    and the report holds both, timed and measured, with and without checkpointing (about a minute: slow)."""
+    out = tmp_path / "RESULTS-step.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.training_step", "--part", "dpo", "--tiny", "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "## DPO step: selpo's trainer against TRL's DPOTrainer" in text and "## SePO step" not in text
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith(("| selpo trainer", "| TRL DPOTrainer"))]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("selpo trainer, DPO", "stored"), ("TRL DPOTrainer", "stored"),
+        ("selpo trainer, DPO", "recomputed (checkpointing)"), ("TRL DPOTrainer", "recomputed (checkpointing)")]
+    for r in rows:
+        assert float(r[2].removesuffix(" s")) > 0 and float(r[4].removesuffix(" MiB")) > 0
+        if r[0] == "TRL DPOTrainer":
+            assert r[3] == r[5] == "1.00×"

@@ -1,6 +1,8 @@
 """The run configuration (selpo.config) and the command line around it (selpo.cli): TOML, --set, --help."""
 
 import dataclasses
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -50,11 +52,14 @@ def test_set_order_does_not_matter():
     assert a == b and a.train.batch_size == 2
 
 
-def test_unknown_key_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown config key 'train\.lrr'; valid keys: .*train\.lr,"):
+def test_unknown_key_suggests_the_closest_and_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown config key 'train\.lrr' \(did you mean 'train\.lr'\?\); "
+                                         r"valid keys: .*train\.lr,"):
         cfg.load(None, ["train.lrr=1"])
-    with pytest.raises(ValueError, match=r"unknown config key 'nosuch\.lr'"):
-        cfg.load(None, ["nosuch.lr=1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'oracle\.fracton' \(did you mean 'oracle\.fraction'"):
+        cfg.load(None, ["oracle.fracton=0.5"])
+    with pytest.raises(ValueError, match=r"unknown config key 'zzz'; valid keys"):  # nothing close: no guess
+        cfg.load(None, ["zzz=1"])
 
 
 def test_set_needs_key_equals_value():
@@ -92,7 +97,8 @@ def test_bad_values_name_their_key(item, message):
 def test_toml_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[train]\nlrr = 1\n')
-    with pytest.raises(ValueError, match=r"bad\.toml: unknown key\(s\) lrr in section \[train\]; valid keys: epochs"):
+    with pytest.raises(ValueError, match=r"bad\.toml: unknown key\(s\) lrr \(did you mean 'lr'\?\) in section "
+                                         r"\[train\]; valid keys: epochs"):
         cfg.load(path)
     path.write_text('[train]\nlr = "fast"\n')
     with pytest.raises(ValueError, match=r"train\.lr takes a float, got 'fast'"):
@@ -123,8 +129,8 @@ def test_every_field_is_documented_and_optional_ones_default_to_none():
 def test_every_key_is_settable_and_listed():
     keys = cfg.all_keys()
     assert len(keys) == len(_all_fields())
-    assert {"seed", "method", "train.lr", "oracle.fraction", "guidance.aggregation", "score.chosen_ratio", "eval.prompts",
-            "report.pairs"} <= set(keys)
+    assert {"seed", "method", "train.lr", "oracle.fraction", "guidance.aggregation", "score.chosen_ratio",
+            "eval.prompts", "report.pairs"} <= set(keys)
     assert cfg.section_names() == ("data", "oracle", "guidance", "score", "train", "eval", "report")
     assert dataclasses.fields(cfg.OracleConfig)[0].name == "epochs"  # the shared loop settings come first
 
@@ -178,3 +184,15 @@ def test_top_level_help_lists_every_command(capsys):
 def test_cli_reports_bad_settings_without_a_traceback(tmp_path, capsys):
     assert cli.main(["config", "--set", "train.lr=fast"]) == 1
     assert "selpo: error: train.lr takes a float" in capsys.readouterr().err
+
+
+def test_config_keys_into_a_closed_pipe_exits_quietly():
+    """`selpo config --keys | head -1`: the reader leaves early; no BrokenPipeError traceback, exit status 0."""
+    command = [sys.executable, "-m", "selpo.cli", "config", "--keys"]
+    closed = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    closed.stdout.close()  # before anything is written: every write fails
+    assert closed.wait(timeout=120) == 0 and closed.stderr.read() == b""
+    closed.stderr.close()
+    shell = subprocess.run(["bash", "-c", "set -o pipefail; \"$0\" -m selpo.cli config --keys | head -1",
+                            sys.executable], capture_output=True, text=True, timeout=120)
+    assert (shell.returncode, shell.stdout, shell.stderr) == (0, "run-wide keys:\n", "")

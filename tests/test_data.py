@@ -12,11 +12,18 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from selpo.data import (BatchSchedule, TokenizedPair, collate_pairs, default_data_path,  # noqa: E402
-                        load_preference_dataset, tokenize_pairs)
-from selpo.kernels import linear_logprobs  # noqa: E402
+from selpo.data import (  # noqa: E402
+    BatchSchedule,
+    TokenizedPair,
+    collate_pairs,
+    default_data_path,
+    load_preference_dataset,
+    tokenize_pairs,
+)
 from selpo.head import last_hidden_states, read_head  # noqa: E402
-from selpo.models import load_causal_lm, tiny_model_dir, tiny_tokenizer  # noqa: E402
+from selpo.kernels import linear_logprobs  # noqa: E402
+from selpo.models import load_causal_lm  # noqa: E402
+from selpo.testing import tiny_model_dir, tiny_tokenizer  # noqa: E402
 
 ROWS = [
     {"prompt": "Review a zoo.", "chosen": "A great zoo with lovely animals.", "rejected": "Dirty cages, sad animals."},
@@ -84,6 +91,18 @@ def test_loading_errors_name_the_path(tmp_path):
         load_preference_dataset(tmp_path / "dict", split="dev")
     with pytest.raises(TypeError, match="path must be"):
         load_preference_dataset(None)
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]"),
+                                           ("empty.parquet", None)])
+def test_a_file_without_rows_is_an_error_naming_it(tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).to_parquet(str(path))
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path}: holds no rows of preference data"):
+        load_preference_dataset(path)
 
 
 def test_strings_and_messages_give_the_same_tokens(chat_tok):

@@ -10,8 +10,8 @@ import datasets  # noqa: E402
 import pytest  # noqa: E402
 
 from selpo.data import load_preference_dataset, tokenize_pairs  # noqa: E402
-from selpo.data.formats import NoSharedPrompt, pair_unpaired, row_prompt, split_implicit  # noqa: E402
-from selpo.models import tiny_tokenizer  # noqa: E402
+from selpo.data.formats import NoSharedPrompt, is_unpaired, pair_unpaired, row_prompt, split_implicit  # noqa: E402
+from selpo.testing import tiny_tokenizer  # noqa: E402
 
 HH = "\n\nHuman: Is the zoo good?\n\nAssistant: Which one?\n\nHuman: The city zoo.\n\nAssistant:"
 EXPLICIT = [{"prompt": "Review a zoo.", "chosen": "A great zoo.", "rejected": "Dirty cages."},
@@ -122,6 +122,44 @@ def test_a_bad_pair_of_unpaired_rows_names_its_source_rows(tok):
     paired, _ = pair_unpaired(datasets.Dataset.from_list(rows), "u.jsonl")
     with pytest.raises(ValueError, match=r"u.jsonl pair 0 \(rows 0 and 1\): rejected is empty"):
         tokenize_pairs(paired, tok, max_length=64, source="u.jsonl", strict=True)
+
+
+def test_conversational_unpaired_rows_tokenize_like_their_explicit_form(tok):
+    prompt = [user("hi"), assistant("hello"), user("rate the zoo")]
+    rows = [{"prompt": prompt, "completion": [assistant("bad")], "label": False},
+            {"prompt": prompt, "completion": [assistant("great")], "label": True}]
+    paired, left = pair_unpaired(datasets.Dataset.from_list(rows), "u.jsonl")
+    explicit = [{"prompt": prompt, "chosen": [assistant("great")], "rejected": [assistant("bad")]}]
+    assert left == 0 and paired["source_rows"] == [[1, 0]]
+    got, _ = tokenize_pairs(paired, tok, max_length=64)
+    want, _ = tokenize_pairs(datasets.Dataset.from_list(explicit), tok, max_length=64)
+    assert got == want
+
+
+@pytest.mark.parametrize("rows, missing", [
+    # A labelled dialogue (TRL's language-modeling layout plus a label): no prompt, no completion.
+    ([{"messages": [user("rate the zoo"), assistant("great")], "label": True}], r"\['prompt', 'completion'\]"),
+    # Unpaired rows whose prompt is left inside the completion: TRL's unpaired format has no implicit prompt.
+    ([{"completion": [user("rate the zoo"), assistant("great")], "label": True}], r"\['prompt'\]"),
+    ([{"prompt": "Rate the zoo.", "completion": " Great."}], r"\['label'\]"),
+])
+def test_unpaired_rows_without_a_column_name_file_row_and_column(tmp_path, rows, missing):
+    path = tmp_path / "u.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_preference_dataset(path)
+    assert is_unpaired(dataset.column_names)
+    with pytest.raises(ValueError, match=rf"u.jsonl row 0 \(and every row\): missing column\(s\) {missing}; .*"
+                                         r"no implicit-prompt form"):
+        pair_unpaired(dataset, str(path))
+
+
+def test_an_unpaired_row_without_its_prompt_names_the_row(tmp_path):
+    path = tmp_path / "u.jsonl"
+    rows = [{"prompt": "p", "completion": "good", "label": True}, {"completion": "bad", "label": False}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"u.jsonl row 1: missing 'prompt'"):
+        pair_unpaired(load_preference_dataset(path), str(path))
+    assert not is_unpaired(["prompt", "chosen", "rejected", "label"]) and not is_unpaired(["chosen", "rejected"])
 
 
 def test_a_dataset_in_the_local_cache_loads_by_name_offline(tmp_path, monkeypatch):

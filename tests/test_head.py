@@ -8,7 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from selpo import head as head_module
 from selpo.head import HeadMismatchError, LogitHead, read_head, verify_head
 from selpo.kernels import linear_logprobs
-from selpo.models import load_causal_lm, tiny_model_dir
+from selpo.models import load_causal_lm
+from selpo.testing import tiny_model_dir
 
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=128)

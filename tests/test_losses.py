@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cu_seqlens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import cu_seqlens
 from selpo.kernels.losses import common, dpo_loss, sepo_loss, simpo_loss, weighted_nll
 
 BACKENDS = ["naive", "torch", "triton"]
@@ -29,26 +29,26 @@ def ref_pairs(rewards, offset):
 
 
 def ref_sepo(lp, x, lengths, gamma, margin):
-    return ref_pairs([gamma * l[m].mean() for l, m in zip(split(lp, lengths), split(x["mask"], lengths))], margin)
+    return ref_pairs([gamma * s[m].mean() for s, m in zip(split(lp, lengths), split(x["mask"], lengths))], margin)
 
 
 def ref_dpo(lp, x, lengths, beta):
     rewards = []
-    for l, r, m in zip(split(lp, lengths), split(x["ref_logps"].double(), lengths), split(x["mask"], lengths)):
-        keep = m if m is not None else torch.ones_like(l, dtype=torch.bool)
-        rewards.append(beta * (l[keep] - r[keep]).sum())
+    for s, r, m in zip(split(lp, lengths), split(x["ref_logps"].double(), lengths), split(x["mask"], lengths)):
+        keep = m if m is not None else torch.ones_like(s, dtype=torch.bool)
+        rewards.append(beta * (s[keep] - r[keep]).sum())
     return ref_pairs(rewards, 0.0)
 
 
 def ref_simpo(lp, x, lengths, beta, gamma):
     rewards = []
-    for l, m in zip(split(lp, lengths), split(x["mask"], lengths)):
-        rewards.append(beta * (l[m].mean() if m is not None else l.mean()))
+    for s, m in zip(split(lp, lengths), split(x["mask"], lengths)):
+        rewards.append(beta * (s[m].mean() if m is not None else s.mean()))
     return ref_pairs(rewards, gamma)
 
 
 def ref_nll(lp, x, lengths):
-    nll = [-(w.double() * l).sum() for l, w in zip(split(lp, lengths), split(x["weights"], lengths))]
+    nll = [-(w.double() * s).sum() for s, w in zip(split(lp, lengths), split(x["weights"], lengths))]
     return sum(nll) / len(nll), torch.stack(nll)
 
 

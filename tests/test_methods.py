@@ -13,11 +13,18 @@ import torch.nn.functional as F
 
 from selpo.data import TokenizedPair, TokenizedRanking, load_preference_dataset, tokenize_pairs
 from selpo.examples import Example, collate
-from selpo.methods import (RewardWeightedLikelihood, SelectiveDPO, SimPO, TokenRewardRanking, reward_weights,
-                           selection_scores)
-from selpo.models import load_causal_lm, tiny_model_dir
+from selpo.methods import (
+    RewardWeightedLikelihood,
+    SelectiveDPO,
+    SimPO,
+    TokenRewardRanking,
+    reward_weights,
+    selection_scores,
+)
+from selpo.methods.guidance import chosen_responses
+from selpo.models import load_causal_lm
 from selpo.reward_model import load_reward_model, token_rewards
-from selpo.stages.guidance import chosen_responses
+from selpo.testing import tiny_model_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import write_pairs  # noqa: E402

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from selpo import config as config_module
+from selpo import methods
 from selpo.compare import load_config, parse_grid
+from selpo.context import DONE, Context
 from selpo.examples import Example
-from selpo.models import tiny_model_dir
-from selpo.stages import PIPELINES, Context
-from selpo.stages.data import load_pairs
-from selpo.stages.guidance import Alternation
-from selpo.stages.pipeline import DONE
+from selpo.methods.guidance import Alternation
+from selpo.stages.pipeline import fingerprint
+from selpo.testing import tiny_model_dir
 from selpo.trainer import make_accelerator
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,9 +52,9 @@ def runs(tiny):
 @pytest.mark.parametrize("method", OTHERS)
 def test_each_method_runs_its_stages_and_reports(runs, method):
     run_dir, out = runs[method]
-    for stage in PIPELINES[method]:
+    for stage in methods.get(method).stages:
         assert (run_dir / stage / DONE).is_file(), stage
-    for stage in {"oracle", "guidance", "score"} - set(PIPELINES[method]):
+    for stage in {"oracle", "guidance", "score"} - set(methods.get(method).stages):
         assert not (run_dir / stage).exists(), stage
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["method"] == method
@@ -107,14 +107,14 @@ def test_guidance_retrains_its_reward_model_on_ranked_samples(runs):
 
 def test_guidance_round_is_reused_when_training_resumes(runs, monkeypatch):
     """A resumed training past a round loads that round's weights instead of sampling again."""
-    import selpo.stages.guidance as guidance
+    import selpo.methods.guidance as guidance
 
     run_dir = runs["guidance"][0]
     config = config_module.load(run_dir / "config.toml")
     ctx = Context(config, make_accelerator(config))
-    examples = [Example(p, {"weights": None}) for p in load_pairs(ctx, "train")]
+    examples = [Example(p, {"weights": None}) for p in ctx.pairs("train")]
     monkeypatch.setattr(guidance, "sample_responses", lambda *a, **k: pytest.fail("sampled again"))
-    hook = Alternation(ctx, None, examples)
+    hook = Alternation(ctx, None, examples, fingerprint(config, "train"))
     hook(1, policy=None)  # before round 1: nothing changes
     assert examples[0].extras["weights"] is None
     hook(2, policy=None)
@@ -135,8 +135,8 @@ def test_a_stage_outside_the_method_is_refused(tiny, tmp_path):
 def test_compare_runs_the_grid_shares_stages_and_reuses_finished_runs(tiny, tmp_path):
     _, settings = tiny
     args = ["compare", "--dir", tmp_path / "cmp", "--methods", "sepo,selective_dpo,dpo",
-            "--grid", "dpo=train.beta:0.1,0.5", "--grid", "sepo=train.gamma:1", "--grid", "selective_dpo=train.beta:0.1",
-            *settings]
+            "--grid", "dpo=train.beta:0.1,0.5", "--grid", "sepo=train.gamma:1",
+            "--grid", "selective_dpo=train.beta:0.1", *settings]
     code, out, err = selpo(*args)
     assert code == 0, err[-3000:]
     cmp = tmp_path / "cmp"

@@ -9,9 +9,8 @@ import torch  # noqa: E402
 
 from selpo import models  # noqa: E402
 from selpo.head import last_hidden_states, read_head  # noqa: E402
-from selpo.models import (load_causal_lm, load_tokenizer, resolve_model_path, tiny_model_dir,  # noqa: E402
-                          tiny_tokenizer)
-
+from selpo.models import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from selpo.testing import tiny_model_dir, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

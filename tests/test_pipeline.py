@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from selpo.models import tiny_model_dir, tiny_tokenizer
-from selpo.stages.pipeline import DONE, PIPELINES
+from selpo import methods
+from selpo.context import DONE
+from selpo.testing import tiny_model_dir, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_runs import PROMPTS, tiny_settings  # noqa: E402
@@ -20,6 +21,9 @@ from cli_runs import selpo as _selpo  # noqa: E402
 from tiny_data import write_pairs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEPO_STAGES = methods.get("sepo").stages
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -47,7 +51,7 @@ def _copy(run_dir, tmp_path):
 
 def test_run_writes_every_stage_and_prints_the_summary(run):
     run_dir, out = run
-    for stage in PIPELINES["sepo"]:
+    for stage in SEPO_STAGES:
         assert (run_dir / stage / DONE).is_file(), stage
     assert not (run_dir / "guidance").exists()
     for path in ("data/train.jsonl", "data/test.jsonl", "data/report.json", "oracle/model/config.json",
@@ -114,11 +118,11 @@ def test_report_has_its_parts(run):
 
 def test_second_run_skips_every_finished_stage(run):
     run_dir = run[0]
-    before = {s: (run_dir / s / DONE).read_text() for s in PIPELINES["sepo"]}
+    before = {s: (run_dir / s / DONE).read_text() for s in SEPO_STAGES}
     code, out, _ = _selpo("run", "--run-dir", run_dir)  # the run folder's config.toml is reused
     assert code == 0
-    assert out.count("done, skipped") == len(PIPELINES["sepo"])
-    assert before == {s: (run_dir / s / DONE).read_text() for s in PIPELINES["sepo"]}
+    assert out.count("done, skipped") == len(SEPO_STAGES)
+    assert before == {s: (run_dir / s / DONE).read_text() for s in SEPO_STAGES}
 
 
 def test_changed_key_redoes_only_the_stages_that_depend_on_it(run, tmp_path):
@@ -168,6 +172,14 @@ def test_bad_rows_are_counted_or_raise_naming_file_and_row(tiny, tmp_path):
     code, _, err = _selpo("data", "--run-dir", tmp_path / "s", *settings, "--set", f"data.train={bad}",
                           "--set", "data.strict=true")
     assert code == 1 and f"{bad} row 2" in err
+
+
+def test_an_empty_data_file_is_named_in_selpos_own_error(tiny, tmp_path):
+    _, _, settings = tiny
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = _selpo("data", "--run-dir", tmp_path / "r", *settings, "--set", f"data.test={empty}")
+    assert code == 1 and f"selpo: error: {empty}: holds no rows of preference data" in err
 
 
 def test_data_generate_regenerates_the_dataset_with_the_runs_model(tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import cu_seqlens
+
 from selpo.kernels.losses import common, mean_lengths, plackett_luce_loss, ranking, sequence_scores
 
 BACKENDS = ["naive", "torch", "triton"]

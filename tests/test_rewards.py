@@ -12,11 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from selpo import config as config_module  # noqa: E402
-from selpo.models import tiny_model_dir, tiny_tokenizer  # noqa: E402
 from selpo.rewards import load_reward  # noqa: E402
 from selpo.stages import Context  # noqa: E402
 from selpo.stages.eval import win_rate  # noqa: E402
 from selpo.stages.pipeline import announce_reward  # noqa: E402
+from selpo.testing import tiny_model_dir, tiny_tokenizer  # noqa: E402
 from selpo.trainer import make_accelerator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -167,6 +167,47 @@ def test_guidance_ranks_its_samples_by_a_function(dialogue, module_dir):
     assert 3 in user_reward.CALLS  # guidance.samples = 3 samples of a prompt, ranked in one call
     assert results["policy"]["reward"] > 0 and "win_rate" in results
     assert "reward (mean of user_reward:length)" in out
+
+
+def test_guidance_ranks_its_samples_by_a_reward_model(dialogue, monkeypatch):
+    """Each retraining ranking is its K samples best first by the reward model's scores, which are that model's
+    own scores of prompt + sample (batched on the run's device as on their own)."""
+    from selpo.data import TokenizedRanking
+    from selpo.methods import guidance
+
+    root, settings = dialogue
+    folder = reward_model_dir(root)
+    calls, rankings = [], []
+    real_load, real_train = guidance.load_reward, guidance.train
+
+    def recording_load(spec, **options):
+        reward = real_load(spec, **options)
+
+        def record(prompts, responses):
+            values = reward(prompts, responses)
+            calls.append((reward.kind, prompts, responses, values))
+            return values
+        return record
+
+    def recording_train(accelerator, model, tokenizer, method, examples, *args, **kwargs):
+        rankings.extend(e.pair for e in examples if isinstance(e.pair, TokenizedRanking))
+        return real_train(accelerator, model, tokenizer, method, examples, *args, **kwargs)
+
+    monkeypatch.setattr(guidance, "load_reward", recording_load)
+    monkeypatch.setattr(guidance, "train", recording_train)
+    run_dir, out, results = _run(root, settings, "guidance-rm", "--set", "method=guidance",
+                                 "--set", f"eval.reward={folder}")
+    assert (run_dir / "train" / "rewards" / "round-1" / "DONE.json").is_file()
+    assert len(rankings) == len(calls) == 4  # guidance.prompts, one reward call of guidance.samples = 3 each
+    tokenizer, own = tiny_tokenizer(), load_reward(folder, batch_size=1)
+    for (kind, prompts, texts, values), ranking in zip(calls, rankings):
+        assert kind == "model" and len(texts) == 3
+        assert values == pytest.approx(own(prompts, texts), abs=1e-5)
+        best_first = sorted(range(3), key=lambda k: -values[k])
+        assert [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in ranking.responses] == \
+            [texts[k] for k in best_first]
+    assert results["reward"]["spec"] == folder and "win_rate" in results
+    assert f"reward (mean of {folder})" in out
 
 
 def test_run_without_reward_says_so_and_reports_the_rest(dialogue):

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
 from helpers import cu_seqlens
-from selpo.kernels.segment_sum import segment_sum
-from selpo.kernels.segment_sum import triton_kernels
+
+from selpo.kernels.segment_sum import segment_sum, triton_kernels
 
 BACKENDS = ["naive", "torch", "triton"]
 BLOCK = triton_kernels.BLOCK

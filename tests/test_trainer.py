@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ from selpo.examples import Example, collate
 from selpo.kernels import linear_logprobs, weighted_nll
 from selpo.logprobs import response_states
 from selpo.methods import DPO, SePO, with_reference_logps
-from selpo.models import load_causal_lm, tiny_model_dir
-from selpo.trainer import make_accelerator, read_metrics, train
+from selpo.models import load_causal_lm
+from selpo.testing import tiny_model_dir
+from selpo.trainer import make_accelerator, read_metrics, train, warmup_cosine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import write_pairs  # noqa: E402
@@ -125,10 +127,10 @@ def test_extras_must_cover_every_response_token(tiny, dpo_examples):
         collate([short], tokenizer.pad_token_id)
 
 
-def _train_dpo(tiny, accelerator, examples, out, on_step=None, fingerprint="f", loop=STEPS):
+def _train_dpo(tiny, accelerator, examples, out, on_step=None, fingerprint="f", loop=STEPS, before_step=None):
     model, tokenizer = load_causal_lm(tiny[0])
     return train(accelerator, model, tokenizer, DPO(beta=0.5, backend="torch"), examples, loop, out, seed=3,
-                 fingerprint=fingerprint, on_step=on_step)
+                 fingerprint=fingerprint, on_step=on_step, before_step=before_step)
 
 
 class Killed(Exception):
@@ -163,12 +165,20 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny, accelerator, dpo_examp
     assert all(torch.equal(v, b[k]) for k, v in saved.state_dict().items())
 
 
-def test_gradient_checkpointing_gives_the_same_weights(tiny, accelerator, dpo_examples, tmp_path):
+def _checkpointing(model):
+    """Whether a layer of ``model`` recomputes its activations (what transformers' is_*_checkpointing reads)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def test_gradient_checkpointing_gives_the_same_weights_without_a_warning(tiny, accelerator, dpo_examples, tmp_path):
     loop = LoopConfig(batch_size=4, micro_batch_size=2, lr=1e-3, max_steps=2, save_every=0, warmup_ratio=0.0)
     stored = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "stored", loop=loop)
-    recomputed = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "recomputed",
-                            loop=dataclasses.replace(loop, gradient_checkpointing=True))
-    assert recomputed.is_gradient_checkpointing and not stored.is_gradient_checkpointing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recomputed = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "recomputed",
+                                loop=dataclasses.replace(loop, gradient_checkpointing=True))
+    assert not [str(w.message) for w in caught if "checkpoint" in str(w.message)]
+    assert _checkpointing(recomputed) and not _checkpointing(stored)
     a, b = stored.state_dict(), recomputed.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     initial = load_causal_lm(tiny[0])[0].state_dict()
@@ -179,12 +189,54 @@ def test_training_logs_loss_accuracy_and_schedule(tiny, accelerator, dpo_example
     loop = LoopConfig(batch_size=4, micro_batch_size=4, lr=1e-3, max_steps=4, save_every=0, warmup_ratio=0.25)
     _train_dpo(tiny, accelerator, dpo_examples, tmp_path, loop=loop)
     records = read_metrics(tmp_path)
-    # One warm-up step from 0, then cosine decay over the 3 others: 0.5 * (1 + cos(pi * k / 3)).
-    assert [r["lr"] for r in records] == pytest.approx([0.0, 1e-3, 0.75e-3, 0.25e-3], abs=1e-12)
+    # One warm-up step, counted from step 1: 1/2; then cosine decay over the 3 others: 0.5 * (1 + cos(pi * k / 3)).
+    assert [r["lr"] for r in records] == pytest.approx([0.5e-3, 1e-3, 0.75e-3, 0.25e-3], abs=1e-12)
     assert records[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)
     assert records[-1]["loss"] < records[0]["loss"] and records[-1]["accuracy"] > 0.5
     assert {"margin", "chosen_reward", "rejected_reward", "selected", "grad_norm", "epoch"} <= records[0].keys()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-00000004"]
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 1), (1, 1), (1, 2), (3, 10), (9, 10)])
+def test_no_step_of_a_schedule_runs_at_learning_rate_0(warmup, total):
+    factors = [warmup_cosine(step, warmup=warmup, total=total) for step in range(total)]
+    assert all(0 < f <= 1 for f in factors)
+    assert max(factors) == 1 or warmup == total  # the peak is reached right after the warm-up
+
+
+def test_a_one_step_training_moves_its_model(tiny, accelerator, dpo_examples, tmp_path):
+    """A small oracle subset can be one optimizer step; its warm-up step must not run at learning rate 0."""
+    loop = LoopConfig(batch_size=4, micro_batch_size=4, lr=1e-3, max_steps=1, save_every=0, warmup_ratio=0.1)
+    trained = _train_dpo(tiny, accelerator, dpo_examples, tmp_path, loop=loop)
+    assert read_metrics(tmp_path)[0]["lr"] == pytest.approx(0.5e-3)
+    initial = load_causal_lm(tiny[0])[0].state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in trained.state_dict().items())
+
+
+def test_a_training_inside_another_leaves_the_outer_checkpoints_whole(tiny, accelerator, dpo_examples, tmp_path):
+    """Guidance's retraining rounds train a reward model inside the policy's ``before_step``, on the process's
+    one accelerator: each training's checkpoints hold its own model and optimizer, and the outer one still
+    resumes exactly."""
+    loop = LoopConfig(batch_size=4, micro_batch_size=4, lr=1e-3, max_steps=3, save_every=2)
+    inner_loop = dataclasses.replace(loop, max_steps=1, save_every=0)
+    inner_runs = iter(range(2))
+
+    def before_step(step, policy):
+        if step == 1:
+            other, tokenizer = load_causal_lm(tiny[2])
+            train(accelerator, other, tokenizer, DPO(beta=0.5, backend="torch"), dpo_examples[:4], inner_loop,
+                  tmp_path / f"inner-{next(inner_runs)}", seed=0)
+
+    whole = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "whole", loop=loop, before_step=before_step)
+    with pytest.raises(Killed):  # killed after step 2, whose checkpoint follows the inner training
+        _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "resumed", _kill_after(2), loop=loop,
+                   before_step=before_step)
+    resumed = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "resumed", loop=loop, before_step=before_step)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the outer training did not resume exactly"
+    for inner in tmp_path.glob("inner-*"):
+        (saved,) = (inner / "checkpoints").glob("step-*")
+        assert sorted(p.name for p in saved.glob("*model*")) == ["pytorch_model.bin"]  # its model alone
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(tiny, accelerator, dpo_examples, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -113,3 +114,10 @@ class BatchSchedule:
         while True:
             yield self.indices(step)
             step += 1
+
+
+def seeded_subset(n: int, fraction: float, seed: int) -> list[int]:
+    """The sorted indices of a random ``ceil(fraction * n)`` of ``n`` items, drawn with ``seed``: the pairs the
+    first oracle or reward model learns from."""
+    k = math.ceil(fraction * n)
+    return sorted(np.random.default_rng([seed, n]).permutation(n)[:k].tolist())

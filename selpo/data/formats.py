@@ -11,7 +11,13 @@
 - **Unpaired** (``prompt``, ``completion``, boolean ``label``: TRL's unpaired preference format, strings or
   messages): within each prompt, in data order, the k-th desirable completion is paired with the k-th
   undesirable one; completions left without a partner are counted, not used. Pair i's source rows are kept
-  in ``source_rows`` so errors can name them.
+  in ``source_rows`` so errors can name them. TRL's unpaired format always has its prompt column, in the
+  standard and the conversational form alike (its docs convert implicit-prompt pairs to unpaired rows only
+  after ``extract_prompt``), so there is no prompt to extract: data with ``completion`` or ``label`` but
+  without ``chosen``/``rejected`` must have all three columns, and the two pairing keys, prompt and label,
+  must be set in every row; otherwise an error names the file, the row and the column (a dialogue with a
+  label, ``messages`` + ``label``, is not a preference format). A bad completion is a bad row of its pair
+  (counted, see ``selpo.data.pairs``).
 """
 
 from __future__ import annotations
@@ -60,19 +66,29 @@ def _common_prefix_length(a, b) -> int:
 
 
 def is_unpaired(columns) -> bool:
-    return all(c in columns for c in UNPAIRED_COLUMNS) and "chosen" not in columns
+    """Whether data with these columns is meant as unpaired rows: a completion or a label, no chosen/rejected."""
+    return any(c in columns for c in UNPAIRED_COLUMNS[1:]) and not any(c in columns for c in ("chosen", "rejected"))
 
 
 def pair_unpaired(dataset, source: str):
     """(a ``datasets.Dataset`` of prompt/chosen/rejected/source_rows pairs, rows left without a partner).
 
-    A ``label`` that is not a bool raises, naming the source and the row.
+    A missing column, a missing prompt or a ``label`` that is not a bool raises, naming the source and the row.
     """
     import datasets
 
+    missing = [c for c in UNPAIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{source} row 0 (and every row): missing column(s) {missing}; unpaired preference data "
+                         f"needs {list(UNPAIRED_COLUMNS)}, found {dataset.column_names}. TRL's unpaired format has "
+                         "no implicit-prompt form: give each row its prompt (for a dialogue, the turns before the "
+                         "last assistant reply) and, as completion, that reply")
     groups: dict[str, tuple[list, list]] = {}
     prompts = {}
     for i, row in enumerate(dataset.select_columns(list(UNPAIRED_COLUMNS))):
+        if row["prompt"] is None:
+            raise ValueError(f"{source} row {i}: missing 'prompt'; an unpaired row is paired by its prompt, which "
+                             "TRL's unpaired format gives in every row")
         if not isinstance(row["label"], bool):
             raise ValueError(f"{source} row {i}: label must be true (desirable) or false, got {row['label']!r}")
         key = json.dumps(row["prompt"], sort_keys=True)

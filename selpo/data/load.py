@@ -27,12 +27,23 @@ def load_preference_dataset(path: str | os.PathLike, *, split: str | None = None
     is a dataset saved with ``save_to_disk``; a saved ``DatasetDict`` needs ``split`` unless it holds one
     split. Anything else that looks like a dataset name (``owner/name``, optionally ``:split``) is read from
     the ``datasets`` cache, offline (``load_cached``). Rows are not checked here: ``tokenize_pairs``
-    validates every row (see ``selpo.data.pairs``).
+    validates every row (see ``selpo.data.pairs``); but a source with no row at all is an error naming it.
     """
-    import datasets
-
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file or folder path, got {type(path).__name__}")
+    dataset = _load(path, split)
+    if len(dataset) == 0:
+        raise _no_rows(path)
+    return dataset
+
+
+def _no_rows(path) -> ValueError:
+    return ValueError(f"{path}: holds no rows of preference data")
+
+
+def _load(path: str | os.PathLike, split: str | None):
+    import datasets
+
     p = Path(path).expanduser()
     if not p.exists():
         if is_cached_name(str(path)):
@@ -52,11 +63,23 @@ def load_preference_dataset(path: str | os.PathLike, *, split: str | None = None
                          "or a folder")
     if split is not None:
         raise ValueError(f"split applies only to a saved DatasetDict folder, not to the file {str(path)!r}")
+    if builder == "json" and _blank(p):  # `datasets` raises StopIteration on an empty file
+        raise _no_rows(path)
     try:
         return datasets.load_dataset(builder, data_files=str(p), split="train")
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         raise ValueError(f"{path}: cannot be read as {p.suffix} preference data: {cause}") from e
+    except ValueError as e:  # a JSON array of no rows: `datasets` says 'Instruction "train" corresponds to no data!'
+        if "corresponds to no data" in str(e):
+            raise _no_rows(path) from None
+        raise
+
+
+def _blank(path: Path) -> bool:
+    """Whether a text file holds nothing but whitespace (read until its first other byte)."""
+    with open(path, "rb") as f:
+        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _pick_split(loaded, split, path):

@@ -1,7 +1,8 @@
-"""DPO on every response token, with reference log-probs computed once before training.
+"""DPO on every response token, a baseline, with reference log-probs computed once before training.
 
 Because the reference's log-probs are fixed, they are computed in one pass over the data and stored
 with the examples (``extras["ref_logps"]``): no reference model is held in memory while training.
+The reference is the policy as it starts.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from dataclasses import dataclass
 
 from accelerate import Accelerator
 
+from ..context import Context
 from ..examples import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import pair_logps, response_states
+from .base import Method, Prepared
+
+BETA = 0.1  # train.beta when none is given
 
 
 @dataclass
 class DPO:
     """``-logsigmoid(beta * (sum of log-ratios of chosen - of rejected))`` over all response tokens."""
 
-    beta: float = 0.1
+    beta: float = BETA
     backend: str = "auto"
 
     def loss(self, model, batch):
@@ -37,5 +42,25 @@ def with_reference_logps(accelerator: Accelerator, reference, examples: list[Exa
     reference starts at a DPO margin of 0 up to rounding; the work is sharded over the processes.
     """
     values = pair_logps(accelerator, reference, [e.pair for e in examples], pad_id=pad_id, batch_size=batch_size,
-                        backend=backend)
+                        backend=backend, desc="reference log-probs")
     return [Example(e.pair, {**e.extras, "ref_logps": v}) for e, v in zip(examples, values)]
+
+
+def reference_examples(ctx: Context, reference, tokenizer) -> list[Example]:
+    """Every training pair with the reference's log-probs of its response tokens (computed once)."""
+    return with_reference_logps(ctx.accelerator, reference, [Example(p) for p in ctx.pairs("train")],
+                                pad_id=tokenizer.pad_token_id, batch_size=ctx.config.train.micro_batch_size,
+                                backend=ctx.config.backend)
+
+
+class DPOMethod(Method):
+    name = "dpo"
+    title = "DPO"
+    stages = ("data", "train", "eval", "report")
+    strength = "train.beta"
+    grid = (0.1, 0.5)
+
+    def prepare(self, ctx, policy, tokenizer, key):
+        beta = ctx.config.train.beta
+        objective = DPO(beta=BETA if beta is None else beta, backend=ctx.config.backend)
+        return Prepared(objective, reference_examples(ctx, policy, tokenizer))

@@ -18,6 +18,11 @@ import torch
 
 from ..kernels import dpo_loss, linear_logprobs, segment_sum, topk_mask
 from ..logprobs import response_states
+from ..models import load_causal_lm
+from .base import Method, Prepared, view_row
+from .dpo import reference_examples
+
+BETA = 0.1  # train.beta when none is given
 
 
 def selection_scores(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,7 @@ def selective_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float,
 class SelectiveDPO:
     """``-logsigmoid(beta * (sum over kept chosen tokens - over kept rejected tokens of log p - log p_ref))``."""
 
-    beta: float = 0.1
+    beta: float = BETA
     ratio: float = 0.4
     rule: str = "topk"
     backend: str = "auto"
@@ -73,3 +78,37 @@ class SelectiveDPO:
         loss, metrics = dpo_loss(logps, ref_logps, pairs.cu_seqlens, beta=self.beta, mask=mask, backend=self.backend)
         kept = segment_sum(mask.float(), pairs.cu_seqlens, backend=self.backend)
         return loss, {**metrics, "selected": kept}
+
+
+class SelectiveDPOMethod(Method):
+    name = "selective_dpo"
+    title = "Selective-DPO"
+    stages = ("data", "oracle", "train", "eval", "report")
+    strength = "train.beta"
+    grid = (0.1, 0.5)
+    selects = True
+    legend = ("log p<sub>ref</sub> - log p<sub>policy</sub> in chosen responses, its negative in rejected ones, "
+              "under the trained policy; outlined: the tokens DPO's loss keeps (the highest scores)")
+
+    def prepare(self, ctx, policy, tokenizer, key):
+        """The strong reference is the DPO-trained oracle; its log-probs are computed once, then it is let go."""
+        reference, _ = load_causal_lm(ctx.model_path("oracle"), device=ctx.accelerator.device)
+        examples = reference_examples(ctx, reference, tokenizer)
+        del reference
+        cfg = ctx.config.train
+        objective = SelectiveDPO(beta=BETA if cfg.beta is None else cfg.beta, ratio=cfg.selective_ratio,
+                                 rule=cfg.selective_rule, backend=ctx.config.backend)
+        return Prepared(objective, examples)
+
+    def token_view(self, ctx, pairs, logps):
+        """The scores under the trained policy, and the tokens ``train.selective_rule`` keeps, as at its last step."""
+        cfg = ctx.config.train
+        rows = []
+        for pair, policy, oracle in zip(pairs, logps.policy, logps.oracle):
+            n = len(policy[0])
+            cu = torch.tensor([0, n, n + len(policy[1])], dtype=torch.int32)
+            scores = selection_scores(torch.cat(policy), torch.cat(oracle), cu)
+            mask = selective_mask(scores, cu, cfg.selective_ratio, cfg.selective_rule, ctx.config.backend)
+            rows.append(view_row(pair, (scores[:n].tolist(), scores[n:].tolist()),
+                                 (mask[:n].int().tolist(), mask[n:].int().tolist())))
+        return rows

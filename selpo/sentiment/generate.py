@@ -12,6 +12,7 @@ import torch
 
 from ..data.pairs import encode_prompt
 from ..models import DEFAULT_MODEL, load_causal_lm
+from ..progress import bar as progress_bar
 from .prompts import review_prompts
 from .vader import vader_reward
 
@@ -78,13 +79,11 @@ def generate_default_dataset(out_dir: str | os.PathLike, n_pairs: int = 400, see
         raise ValueError(f"need 0 < test_pairs < n_pairs, got test_pairs={test_pairs}, n_pairs={n_pairs}")
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to form a pair, got {num_samples}")
-    from tqdm import tqdm
-
     start = time.perf_counter()
     lm, tokenizer = load_causal_lm(model, device=device)
     prompts = review_prompts(seed=seed)
     per_batch = max(1, batch_size // num_samples)
-    rows, lengths, bar = [], [], tqdm(total=n_pairs, desc="pairs", disable=not progress)
+    rows, lengths, bar = [], [], progress_bar(n_pairs, "pairs", show=progress, leave=True)
     for b, first in enumerate(range(0, len(prompts), per_batch)):
         chunk = prompts[first:first + per_batch]
         samples = sample_responses(lm, tokenizer, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens,

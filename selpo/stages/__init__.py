@@ -1,6 +1,6 @@
-"""The pipeline as stages over one run folder; which stages run depends on the method (``PIPELINES``),
-e.g. SePO's data -> oracle -> score -> train -> eval -> report."""
+"""The pipeline as stages over one run folder; which stages run depends on the method (``Method.stages`` in
+``selpo.methods``), e.g. SePO's data -> oracle -> score -> train -> eval -> report."""
 
-from .pipeline import PIPELINES, Context, Stage, StageError, clear_stage, run_all, run_stage, stages, status
+from .pipeline import Context, Stage, StageError, clear_stage, pipeline, run_all, run_stage, stages, status
 
-__all__ = ["PIPELINES", "Context", "Stage", "StageError", "clear_stage", "run_all", "run_stage", "stages", "status"]
+__all__ = ["Context", "Stage", "StageError", "clear_stage", "pipeline", "run_all", "run_stage", "stages", "status"]

@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..context import Context, pair_row, write_jsonl
 from ..data import default_data_path, load_preference_dataset, tokenize_pairs
 from ..data.formats import is_unpaired, pair_unpaired, row_prompt
 from ..data.load import is_cached_name
 from ..models import load_tokenizer
-from .pipeline import Context
-from .store import pair_row, read_jsonl, row_pair, write_jsonl
 
 SPLITS = ("train", "test")
 # Training pairs of the packaged data used when data.max_train_pairs is none: all 320 would take `selpo run`
@@ -67,19 +66,9 @@ def run(ctx: Context) -> dict:
         ctx.print(report.summary())
         summary[split] = report.to_dict()
         if ctx.accelerator.is_main_process:
-            write_jsonl(out / f"{split}.jsonl", [pair_row(p) for p in pairs])
-            write_jsonl(out / f"{split}_prompts.jsonl", distinct_prompts(dataset, pairs))
+            write_jsonl(ctx.pairs_path(split), [pair_row(p) for p in pairs])
+            write_jsonl(ctx.prompts_path(split), distinct_prompts(dataset, pairs))
     if ctx.accelerator.is_main_process:
         write_text_atomic(out / "report.json", json.dumps(summary, indent=1))
     return {split: {k: summary[split][k] for k in ("rows", "kept", "truncated", "dropped")} for split in SPLITS}
-
-
-def load_pairs(ctx: Context, split: str):
-    """The tokenized pairs of ``split`` ("train" or "test") written by this stage."""
-    return [row_pair(row) for row in read_jsonl(ctx.stage_dir("data") / f"{split}.jsonl")]
-
-
-def load_prompts(ctx: Context, split: str = "test") -> list:
-    """The distinct prompts (strings or message lists) of ``split``, in data order."""
-    return [row["prompt"] for row in read_jsonl(ctx.stage_dir("data") / f"{split}_prompts.jsonl")]
 

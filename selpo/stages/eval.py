@@ -11,12 +11,12 @@
   mean margins (chosen minus rejected) of both;
 - the method's view of the first ``eval.token_pairs`` training pairs (``tokens.jsonl``, the report's
   heatmap): each response token's score or weight under the method, and whether its loss reads it;
-- selection precision (methods that select tokens: sepo, selective_dpo; reward vader only): the share of
+- selection precision (methods that select tokens, e.g. sepo, selective_dpo; reward vader only): the share of
   the selected tokens that belong to VADER lexicon words, next to the share a random selection would give
   (the share of such tokens overall);
 - token share: the mean share of response tokens the training loss read, over the training steps.
 
-One model is held at a time; sampling and scoring are sharded over the processes.
+One model is held at a time; sampling and scoring are sharded over the processes, each with a progress bar.
 """
 
 from __future__ import annotations
@@ -25,24 +25,24 @@ import json
 
 import torch
 
+from .. import methods
 from ..atomic import write_text_atomic
+from ..context import Context, write_jsonl
 from ..data import TokenizedPair, encode_prompt
 from ..distributed import map_batches
 from ..logprobs import pair_logps
+from ..methods import TokenLogps
 from ..models import load_causal_lm
 from ..rewards import VADER, describe, load_reward
 from ..sentiment import key_token_mask, sample_responses
 from ..trainer import read_metrics
-from .data import load_pairs, load_prompts
-from .pipeline import PIPELINES, Context
-from .store import write_jsonl
-from .views import SELECTING, token_views
 
 SAMPLES_PER_PROMPT = 2  # packed as one "pair" per prompt, the layout the log-prob pass takes
 
 
-def sample(ctx: Context, model, tokenizer, prompts: list) -> list[TokenizedPair]:
-    """Two samples per prompt as a TokenizedPair each (no preference implied), fixed by the seed."""
+def sample(ctx: Context, model, tokenizer, prompts: list, name: str) -> list[TokenizedPair]:
+    """Two samples per prompt as a TokenizedPair each (no preference implied), fixed by the seed; ``name``: the
+    model's, for the progress bar."""
     cfg = ctx.config.eval
 
     def draw(chunk):
@@ -53,7 +53,7 @@ def sample(ctx: Context, model, tokenizer, prompts: list) -> list[TokenizedPair]
         return [TokenizedPair(encode_prompt(tokenizer, p), c[0].ids, c[1].ids, row=i)
                 for (i, p), c in zip(chunk, completions)]
 
-    return map_batches(ctx.accelerator, list(enumerate(prompts)), cfg.batch_size, draw)
+    return map_batches(ctx.accelerator, list(enumerate(prompts)), cfg.batch_size, draw, desc=f"sampling ({name})")
 
 
 def texts(tokenizer, samples: list[TokenizedPair]) -> list[str]:
@@ -97,7 +97,8 @@ def score_samples(ctx: Context, prompts: list, *samples: list[str]) -> list[list
     if reward is None:
         return [None] * len(samples)
     return [map_batches(ctx.accelerator, [(prompts[k // SAMPLES_PER_PROMPT], t) for k, t in enumerate(texts)],
-                        cfg.batch_size, lambda chunk: reward(*map(list, zip(*chunk)))) for texts in samples]
+                        cfg.batch_size, lambda chunk: reward(*map(list, zip(*chunk))),
+                        desc=f"scoring samples ({i + 1} of {len(samples)})") for i, texts in enumerate(samples)]
 
 
 def mean(values: list[float] | None) -> float | None:
@@ -119,30 +120,35 @@ def selection_precision(tokenizer, rows: list[dict], side: str) -> dict:
 
 def run(ctx: Context) -> dict:
     cfg, run_cfg, device = ctx.config.eval, ctx.config, ctx.accelerator.device
-    prompts = load_prompts(ctx)[:cfg.prompts]
-    test_pairs = load_pairs(ctx, "test")
-    view_pairs = load_pairs(ctx, "train")[:cfg.token_pairs]
-    has_oracle = "oracle" in PIPELINES[run_cfg.method]
-    policy, tokenizer = load_causal_lm(str(ctx.stage_dir("train") / "model"), device=device)
+    method = methods.get(run_cfg.method)
+    prompts = ctx.prompts("test")[:cfg.prompts]
+    test_pairs = ctx.pairs("test")
+    view_pairs = ctx.pairs("train")[:cfg.token_pairs]
+    has_oracle = "oracle" in method.stages
+    policy, tokenizer = load_causal_lm(ctx.model_path("train"), device=device)
 
-    def logps(model, pairs):
+    def logps(model, pairs, desc):
         return pair_logps(ctx.accelerator, model, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size,
-                          backend=run_cfg.backend)
+                          backend=run_cfg.backend, desc=desc)
 
-    policy_samples = sample(ctx, policy, tokenizer, prompts)
-    policy_on_samples, policy_test = sums(logps(policy, policy_samples)), logps(policy, test_pairs)
-    policy_view = logps(policy, view_pairs)
+    policy_samples = sample(ctx, policy, tokenizer, prompts, "policy")
+    policy_on_samples = sums(logps(policy, policy_samples, "policy log-probs of its samples"))
+    policy_test = logps(policy, test_pairs, "policy log-probs of held-out pairs")
+    policy_view = logps(policy, view_pairs, "policy log-probs of viewed pairs")
     del policy  # one model at a time
     initial, _ = load_causal_lm(run_cfg.model, device=device)
-    initial_samples = sample(ctx, initial, tokenizer, prompts)
-    initial_on_samples, initial_test = sums(logps(initial, policy_samples)), logps(initial, test_pairs)
-    initial_view = logps(initial, view_pairs)
+    initial_samples = sample(ctx, initial, tokenizer, prompts, "initial model")
+    initial_on_samples = sums(logps(initial, policy_samples, "initial log-probs of the policy's samples"))
+    initial_test = logps(initial, test_pairs, "initial log-probs of held-out pairs")
+    initial_view = logps(initial, view_pairs, "initial log-probs of viewed pairs")
     del initial
+    oracle_test = oracle_view = None
     if has_oracle:
-        oracle, _ = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=device)
-        oracle_test, oracle_view = logps(oracle, test_pairs), logps(oracle, view_pairs)
+        oracle, _ = load_causal_lm(ctx.model_path("oracle"), device=device)
+        oracle_test = logps(oracle, test_pairs, "oracle log-probs of held-out pairs")
+        oracle_view = logps(oracle, view_pairs, "oracle log-probs of viewed pairs")
         del oracle
-    views = token_views(ctx, view_pairs, policy_view, initial_view, oracle_view if has_oracle else None)
+    views = method.token_view(ctx, view_pairs, TokenLogps(policy_view, initial_view, oracle_view))
 
     policy_texts, initial_texts = texts(tokenizer, policy_samples), texts(tokenizer, initial_samples)
     ctx.print(f"eval.reward: {describe(cfg.reward)}")
@@ -165,7 +171,7 @@ def run(ctx: Context) -> dict:
         results["win_rate"] = win_rate(policy_rewards, initial_rewards)
     if has_oracle:
         results["oracle"] = {"implicit_accuracy": accuracy(sums(oracle_test) - sums(initial_test))}
-    if run_cfg.method in SELECTING and cfg.reward == VADER:
+    if method.selects and cfg.reward == VADER:
         results["selection"] = {**selection_precision(tokenizer, views, "chosen"),
                                 **selection_precision(tokenizer, views, "rejected")}
     if ctx.accelerator.is_main_process:

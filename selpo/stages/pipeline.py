@@ -17,35 +17,11 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import config as config_module
 from ..atomic import write_text_atomic
 from ..config import RunConfig
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-DONE = "DONE.json"
-
-
-@dataclass
-class Context:
-    """What a stage gets: the configuration and the accelerator (processes, device, precision)."""
-
-    config: RunConfig
-    accelerator: Accelerator
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.run_dir)
-
-    def stage_dir(self, name: str) -> Path:
-        return self.run_dir / name
-
-    def print(self, *args) -> None:
-        self.accelerator.print(*args)
+from ..context import DONE, Context
 
 
 @dataclass(frozen=True)
@@ -60,11 +36,12 @@ class Stage:
     keys: tuple[str, ...]
     # One line for --help and the logs.
     help: str
-    # Single keys (section.field) its result depends on under some methods only: method -> keys.
-    method_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def keys_for(self, method: str) -> tuple[str, ...]:
-        return self.keys + dict(self.method_keys).get(method, ())
+        """Its keys, and those its result depends on under ``method`` only (``Method.stage_keys``)."""
+        from .. import methods  # imported when a run needs it: it brings torch, which `selpo --help` does without
+
+        return self.keys + tuple(methods.get(method).stage_keys.get(self.name, ()))
 
     def run(self, ctx: Context) -> dict:
         return importlib.import_module(f"{__package__}.{self.name}").run(ctx)
@@ -80,22 +57,12 @@ STAGES = (
     Stage("score", needs=("data", "oracle"), keys=("score",),
           help="score every response token with the oracle and select the key tokens (SePO)"),
     Stage("train", needs=("data", "oracle", "guidance", "score"), keys=("seed", "method", "train"),
-          help="train the policy with the run's method",
-          method_keys=(("guidance", ("eval.reward",)),)),  # its retraining rounds rank samples by the reward
+          help="train the policy with the run's method"),
     Stage("eval", needs=("data", "oracle", "guidance", "score", "train"), keys=("seed", "eval"),
           help="sample the initial model and the policy on held-out prompts and compare them"),
     Stage("report", needs=("data", "oracle", "guidance", "score", "train", "eval"), keys=("report",),
           help="write report.html: configuration, results, training curves, token heatmap"),
 )
-
-# The stages each method runs, in order; a stage reads only those of its ``needs`` its method runs.
-PIPELINES = {
-    "sepo": ("data", "oracle", "score", "train", "eval", "report"),
-    "selective_dpo": ("data", "oracle", "train", "eval", "report"),
-    "guidance": ("data", "guidance", "train", "eval", "report"),
-    "dpo": ("data", "train", "eval", "report"),
-    "simpo": ("data", "train", "eval", "report"),
-}
 
 
 class StageError(RuntimeError):
@@ -107,9 +74,21 @@ def stages() -> dict[str, Stage]:
     return {s.name: s for s in STAGES}
 
 
+def pipeline(method: str) -> tuple[str, ...]:
+    """The stages ``method`` runs (``Method.stages``), in order, each one checked to exist."""
+    from .. import methods  # as in Stage.keys_for
+
+    names = methods.get(method).stages
+    unknown = [name for name in names if name not in stages()]
+    if unknown:
+        raise ValueError(f"method {method!r} runs unknown stage(s) {', '.join(unknown)}; stages: "
+                         f"{', '.join(stages())}")
+    return names
+
+
 def needs(config: RunConfig, name: str) -> tuple[str, ...]:
-    """The stages stage ``name`` reads under ``config``'s method."""
-    return tuple(up for up in stages()[name].needs if up in PIPELINES[config.method])
+    """The stages stage ``name`` reads under ``config``'s method: those of its ``needs`` the method runs."""
+    return tuple(up for up in stages()[name].needs if up in pipeline(config.method))
 
 
 def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
@@ -130,21 +109,16 @@ def fingerprint(config: RunConfig, name: str) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _done_record(ctx: Context, name: str) -> dict | None:
-    path = ctx.stage_dir(name) / DONE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def status(ctx: Context, name: str) -> str:
     """"done", "stale" or "missing"."""
-    record = _done_record(ctx, name)
+    record = ctx.done_record(name)
     if record is None:
         return "missing"
     return "done" if record["fingerprint"] == fingerprint(ctx.config, name) else "stale"
 
 
 def _why_stale(ctx: Context, name: str) -> str:
-    record = _done_record(ctx, name)
+    record = ctx.done_record(name)
     old, new = record.get("config", {}), _config_values(ctx.config, stages()[name].keys_for(ctx.config.method))
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if changed:
@@ -155,9 +129,9 @@ def _why_stale(ctx: Context, name: str) -> str:
 def run_stage(ctx: Context, name: str) -> dict:
     """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary."""
     stage = stages()[name]
-    if name not in PIPELINES[ctx.config.method]:
+    if name not in pipeline(ctx.config.method):
         raise StageError(f"stage {name!r} is not part of method {ctx.config.method!r}, which runs "
-                         f"{', '.join(PIPELINES[ctx.config.method])}")
+                         f"{', '.join(pipeline(ctx.config.method))}")
     for up in needs(ctx.config, name):
         state = status(ctx, up)
         if state != "done":
@@ -203,11 +177,11 @@ def run_all(ctx: Context) -> dict[str, dict]:
     """Runs every stage of the method that is not done, in order; returns each stage's DONE record."""
     announce_reward(ctx)
     records = {}
-    for name in PIPELINES[ctx.config.method]:
+    for name in pipeline(ctx.config.method):
         state = status(ctx, name)
         if state == "done":
             ctx.print(f"== {name}: done, skipped")
-            records[name] = _done_record(ctx, name)
+            records[name] = ctx.done_record(name)
             continue
         if state == "stale":
             ctx.print(f"== {name}: redone, as {_why_stale(ctx, name)}")

@@ -11,17 +11,15 @@ import html
 import json
 
 from .. import config as config_module
+from .. import methods
 from ..atomic import write_text_atomic
+from ..context import Context, read_jsonl
 from ..models import load_tokenizer
+from ..pages import STYLE, heatmap_html, table
 from ..trainer import read_metrics
-from .pipeline import PIPELINES, Context
-from .store import read_jsonl
-from .views import LEGENDS
 
 CURVES = ("loss", "accuracy", "margin")
-TRAINED = {"oracle": "oracle (DPO)", "guidance": "reward model (ranking)", "train": "policy"}
-NAMES = {"sepo": "SePO", "selective_dpo": "Selective-DPO", "guidance": "token-level guidance", "dpo": "DPO",
-         "simpo": "SimPO"}
+TRAINED = {"oracle": "oracle (DPO)", "guidance": "reward model (ranking)", "train": "policy"}  # stage -> label
 
 
 def plot_curves(ctx: Context, path) -> None:
@@ -32,10 +30,10 @@ def plot_curves(ctx: Context, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), constrained_layout=True)
-    method = ctx.config.method
-    for stage in (s for s in TRAINED if s in PIPELINES[method]):
+    method = methods.get(ctx.config.method)
+    for stage in (s for s in TRAINED if s in method.stages):
         records = read_metrics(ctx.stage_dir(stage))
-        label = TRAINED[stage] + (f" ({NAMES[method]})" if stage == "train" else "")
+        label = TRAINED[stage] + (f" ({method.title})" if stage == "train" else "")
         for ax, key in zip(axes, CURVES):
             ax.plot([r["step"] for r in records], [r.get(key, float("nan")) for r in records], marker=".",
                     label=label)
@@ -48,7 +46,7 @@ def plot_curves(ctx: Context, path) -> None:
     plt.close(fig)
 
 
-def results_table(results: dict) -> list[tuple[str, str, str]]:
+def resultstable(results: dict) -> list[tuple[str, str, str]]:
     """(metric, initial model, trained policy) rows of the eval results, formatted."""
     init, policy = results["initial"], results["policy"]
     spec = results.get("reward", {}).get("spec", "vader")
@@ -86,7 +84,7 @@ def results_table(results: dict) -> list[tuple[str, str, str]]:
 
 def summary_text(results: dict) -> str:
     """The results table as plain text, printed at the end of ``selpo run``."""
-    rows = [("metric", "initial", "policy")] + results_table(results)
+    rows = [("metric", "initial", "policy")] + resultstable(results)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -94,53 +92,11 @@ def summary_text(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _color(score: float, scale: float) -> str:
-    """A diverging background: green for positive rewards, red for negative, white at 0."""
-    x = max(-1.0, min(1.0, score / scale)) if scale > 0 else 0.0
-    fade = int(255 * (1 - abs(x)))
-    return f"rgb({fade},255,{fade})" if x >= 0 else f"rgb(255,{fade},{fade})"
-
-
-def _tokens_html(tokenizer, ids, scores, mask, scale) -> str:
-    spans = []
-    for token, score, selected in zip(ids, scores, mask):
-        text = html.escape(tokenizer.decode([token]))
-        style = f"background:{_color(score, scale)}" + (";outline:2px solid #222" if selected else "")
-        spans.append(f'<span class="tok" style="{style}" title="{score:+.3f}">{text}</span>')
-    return "".join(spans)
-
-
-def heatmap_html(tokenizer, rows: list[dict]) -> str:
-    """Each pair's prompt, then its chosen and rejected response tokens coloured by reward."""
-    scale = max((abs(s) for r in rows for s in r["chosen_scores"] + r["rejected_scores"]), default=0.0)
-    parts = []
-    for r in rows:
-        prompt = html.escape(tokenizer.decode(r["prompt_ids"], skip_special_tokens=True))
-        parts.append(f'<div class="pair"><div class="prompt">row {r["row"]}: {prompt}</div>')
-        for side in ("chosen", "rejected"):
-            tokens = _tokens_html(tokenizer, r[f"{side}_ids"], r[f"{side}_scores"], r[f"{side}_mask"], scale)
-            parts.append(f'<div class="resp"><b>{side}</b> {tokens}</div>')
-        parts.append("</div>")
-    return "\n".join(parts)
-
-
-def _table(rows, header) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-.pair{margin:1em 0;padding:.5em;border:1px solid #ddd}.prompt{color:#777;margin-bottom:.3em}
-.resp{margin:.3em 0;line-height:1.9}.tok{white-space:pre-wrap;padding:1px 0}pre{background:#f6f6f6;padding:1em}"""
-
-
 def run(ctx: Context) -> dict:
     results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
     data_report = json.loads((ctx.stage_dir("data") / "report.json").read_text())
     shown = read_jsonl(ctx.stage_dir("eval") / "tokens.jsonl")[:ctx.config.report.pairs]
-    method = ctx.config.method
+    method = methods.get(ctx.config.method)
     out = ctx.run_dir / "report.html"
     if ctx.accelerator.is_main_process:
         plot_curves(ctx, ctx.stage_dir("report") / "curves.png")
@@ -149,16 +105,16 @@ def run(ctx: Context) -> dict:
         name = html.escape(str(ctx.run_dir))
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>selpo run: {name}</title>
 <style>{STYLE}</style></head><body>
-<h1>{NAMES[method]} run <code>{name}</code></h1>
-<h2>Results</h2>{_table(results_table(results), ("metric", "initial model", "trained policy"))}
+<h1>{method.title} run <code>{name}</code></h1>
+<h2>Results</h2>{table(resultstable(results), ("metric", "initial model", "trained policy"))}
 <p>Reward: {html.escape(results.get("reward", {}).get("description", "VADER"))}.</p>
 <p>{results['samples']} samples per model on {results['prompts']} held-out prompts;
 {results['test_pairs']} held-out pairs.</p>
 <h2>Training curves</h2><img src="report/curves.png" alt="training curves" style="max-width:100%">
-<h2>Tokens as {NAMES[method]} sees them</h2>
-<p>Background: {LEGENDS[method]} (green positive, red negative; hover for the value).</p>
+<h2>Tokens as {method.title} sees them</h2>
+<p>Background: {method.legend} (green positive, red negative; hover for the value).</p>
 {heatmap_html(load_tokenizer(ctx.config.model), shown)}
-<h2>Data</h2>{_table(data_rows, ("split", "source", "rows", "kept", "truncated", "dropped"))}
+<h2>Data</h2>{table(data_rows, ("split", "source", "rows", "kept", "truncated", "dropped"))}
 <h2>Configuration</h2><pre>{html.escape(config_module.to_toml(ctx.config))}</pre>
 </body></html>
 """

@@ -5,7 +5,7 @@ models' hidden states, no logits kept; two ``linear_logprobs`` calls when a head
 transform, which ``token_scores`` does not take). Per response, ``topk_mask`` keeps the key tokens: the highest
 rewards of a chosen response (``score.chosen_ratio`` of its tokens) and the lowest of a rejected one
 (``score.rejected_ratio``). Scores and masks are saved with the pairs in ``score/scored.jsonl``, which
-the ``train`` stage trains on and the report displays.
+SePO's training reads and the report displays.
 
 ``score.rule = "released"`` follows the authors' code instead (``released_candidates``): their scores are
 sliced from the prompt length, so the first response token is never selectable and k = floor(ratio * (n - 1));
@@ -22,15 +22,13 @@ import torch
 from accelerate import Accelerator
 
 from ..config import SCORE_RULES
+from ..context import Context, pair_row, write_jsonl
 from ..data import TokenizedPair, collate_pairs
 from ..distributed import map_batches
-from ..examples import Example, split_packed
+from ..examples import split_packed
 from ..kernels import linear_logprobs, token_scores, topk_mask
 from ..logprobs import response_states
 from ..models import load_causal_lm
-from .data import load_pairs
-from .pipeline import Context
-from .store import pair_row, read_jsonl, row_pair, write_jsonl
 
 
 def released_candidates(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
@@ -93,13 +91,13 @@ def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[Tokeniz
         cu = batch.cu_seqlens.cpu()
         return list(zip(split_packed(scores.cpu(), cu), split_packed(mask.cpu(), cu)))
 
-    return map_batches(accelerator, pairs, batch_size, score)
+    return map_batches(accelerator, pairs, batch_size, score, desc="scoring tokens")
 
 
 def run(ctx: Context) -> dict:
     cfg, run_cfg = ctx.config.score, ctx.config
-    pairs = load_pairs(ctx, "train")
-    oracle, tokenizer = load_causal_lm(str(ctx.stage_dir("oracle") / "model"), device=ctx.accelerator.device)
+    pairs = ctx.pairs("train")
+    oracle, tokenizer = load_causal_lm(ctx.model_path("oracle"), device=ctx.accelerator.device)
     if cfg.rule == "released":
         pairs = [with_eos(p, tokenizer.eos_token_id) for p in pairs]
     reference, _ = load_causal_lm(run_cfg.model, device=ctx.accelerator.device)
@@ -110,19 +108,8 @@ def run(ctx: Context) -> dict:
                      chosen_mask=c_mask.int().tolist(), rejected_mask=r_mask.int().tolist())
             for pair, ((c_scores, r_scores), (c_mask, r_mask)) in zip(pairs, scored)]
     if ctx.accelerator.is_main_process:
-        write_jsonl(ctx.stage_dir("score") / "scored.jsonl", rows)
+        write_jsonl(ctx.scored_path(), rows)
     tokens = sum(len(r["chosen_mask"]) + len(r["rejected_mask"]) for r in rows)
     selected = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in rows)
     return {"pairs": len(rows), "tokens": tokens, "selected": selected, "selected_share": selected / tokens}
-
-
-def load_scored(ctx: Context) -> list[dict]:
-    """The rows of ``score/scored.jsonl``: pair fields plus chosen/rejected scores and 0/1 masks."""
-    return read_jsonl(ctx.stage_dir("score") / "scored.jsonl")
-
-
-def selected_examples(rows: list[dict]) -> list[Example]:
-    """Training examples carrying the selected-token masks (``extras["mask"]``) that SePO trains on."""
-    return [Example(row_pair(r), {"mask": (torch.tensor(r["chosen_mask"], dtype=torch.bool),
-                                           torch.tensor(r["rejected_mask"], dtype=torch.bool))}) for r in rows]
 

@@ -1,0 +1,95 @@
+"""What every stage and method is handed (``Context``), and the files stages leave in the run folder for each other.
+
+Stages talk only through these files: a stage reads what an earlier one wrote (the tokenized pairs and
+prompts of ``data``, the scored pairs of ``score``, the model folder of ``oracle``, ``guidance`` or ``train``,
+any stage's ``DONE.json`` with its summary), never another stage's code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .config import RunConfig
+    from .data import TokenizedPair
+
+DONE = "DONE.json"  # written last by every stage: its fingerprint and summary
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def pair_row(pair: TokenizedPair, **values) -> dict:
+    """A pair as a JSON row, with extra per-pair values (e.g. per-token scores as lists)."""
+    return {**asdict(pair), **values}
+
+
+def row_pair(row: dict) -> TokenizedPair:
+    from .data import TokenizedPair  # here: selpo.data brings torch, which the pipeline's bookkeeping does without
+
+    return TokenizedPair(prompt_ids=row["prompt_ids"], chosen_ids=row["chosen_ids"],
+                         rejected_ids=row["rejected_ids"], row=row["row"], cut=tuple(row.get("cut", (False, False))))
+
+
+@dataclass
+class Context:
+    """The configuration, the accelerator (processes, device, precision: one per process, shared by every
+    stage and every training), and the run folder's files."""
+
+    config: RunConfig
+    accelerator: Accelerator
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def print(self, *args) -> None:
+        self.accelerator.print(*args)
+
+    def pairs_path(self, split: str) -> Path:
+        """The ``data`` stage's tokenized pairs of ``split`` ("train" or "test")."""
+        return self.stage_dir("data") / f"{split}.jsonl"
+
+    def prompts_path(self, split: str) -> Path:
+        """The ``data`` stage's distinct raw prompts of ``split``, in data order."""
+        return self.stage_dir("data") / f"{split}_prompts.jsonl"
+
+    def scored_path(self) -> Path:
+        """The ``score`` stage's pairs with each response token's score and 0/1 selection mask."""
+        return self.stage_dir("score") / "scored.jsonl"
+
+    def model_path(self, stage: str) -> str:
+        """The folder of the model a training stage (``oracle``, ``guidance``, ``train``) ended with."""
+        return str(self.stage_dir(stage) / "model")
+
+    def pairs(self, split: str) -> list[TokenizedPair]:
+        return [row_pair(row) for row in read_jsonl(self.pairs_path(split))]
+
+    def prompts(self, split: str = "test") -> list:
+        """The distinct prompts (strings or message lists) of ``split``."""
+        return [row["prompt"] for row in read_jsonl(self.prompts_path(split))]
+
+    def scored(self) -> list[dict]:
+        """The rows of the scored pairs: pair fields plus ``{chosen,rejected}_scores`` and ``_mask``."""
+        return read_jsonl(self.scored_path())
+
+    def done_record(self, stage: str) -> dict | None:
+        """A finished stage's DONE record (fingerprint, configuration, seconds, summary), or None."""
+        path = self.stage_dir(stage) / DONE
+        return json.loads(path.read_text()) if path.is_file() else None
