@@ -100,11 +100,10 @@ def test_wrong_result_is_shown_as_wrong(benchmarks_pkg):
     assert report.fmt_correct({"status": "n/a", "reason": "why"}) == "n/a: why"
 
 
-@pytest.mark.slow
 def test_dpo_step_against_trl_runs_at_toy_size(tmp_path):
     """benchmarks/training_step.py's DPO part end to end on the tiny model: selpo's trainer and TRL's DPOTrainer
     each take their steps (on the same token ids, which the benchmark checks before timing) in fresh processes,
-    and the report holds both, timed and measured, with and without checkpointing (about a minute: slow)."""
+    and the report holds both, timed and measured, with and without checkpointing (25 s on 2 cores)."""
     out = tmp_path / "RESULTS-step.md"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.training_step", "--part", "dpo", "--tiny", "--out",
                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
@@ -120,3 +119,58 @@ def test_dpo_step_against_trl_runs_at_toy_size(tmp_path):
         assert float(r[2].removesuffix(" s")) > 0 and float(r[4].removesuffix(" MiB")) > 0
         if r[0] == "TRL DPOTrainer":
             assert r[3] == r[5] == "1.00×"
+
+
+def _write_metrics(folder, losses):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                                  for i, v in enumerate(losses)))
+
+
+def test_train_check_takes_bf16_rounding_and_flags_more(benchmarks_pkg, tmp_path):
+    """benchmarks/train_check.py, the GPU script's check of the triton run's first losses against the torch run's."""
+    from benchmarks import train_check
+
+    _write_metrics(tmp_path / "a" / "oracle", [0.6931, 0.70, 0.65, 0.1])
+    _write_metrics(tmp_path / "b" / "oracle", [0.6931, 0.71, 0.66, 0.9])  # the 4th step is not compared
+    _write_metrics(tmp_path / "a" / "train", [2.0, 1.0, 1.0])
+    _write_metrics(tmp_path / "b" / "train", [2.1, 1.0, 1.0])  # 0.1 > 2^-5 * 2.1
+    rows, ok = train_check.compare(tmp_path / "a", tmp_path / "b", ["oracle"], 3)
+    assert ok and [r[-1] for r in rows] == ["ok"] * 3
+    rows, ok = train_check.compare(tmp_path / "a", tmp_path / "b", ["oracle", "train"], 3)
+    assert not ok and [r[-1] for r in rows] == ["ok"] * 3 + ["**NO**", "ok", "ok"]
+    assert train_check.main([str(tmp_path / "a"), str(tmp_path / "b"), "--stages", "oracle", "--steps", "5"]) == 1
+
+
+def _write_run(runs, name, pairs):
+    """A finished run of `selpo compare` as compare_report reads it: eval's summary, samples and the config."""
+    run = runs / name
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "DONE.json").write_text("{}")
+    policy, initial = [p for p, _ in pairs], [i for _, i in pairs]
+    results = {"initial": {"reward": sum(initial) / len(initial)},
+               "policy": {"reward": sum(policy) / len(policy), "kl": 0.5, "implicit_accuracy": 0.6,
+                          "likelihood_accuracy": 0.7, "token_share": 1.0}}
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    (run / "eval" / "samples.jsonl").write_text("".join(
+        json.dumps({"policy_reward": p, "initial_reward": i}) + "\n" for p, i in pairs))
+    (run / "config.toml").write_text('model = "default"\nprecision = "bf16"\nbackend = "triton"\n[data]\n'
+                                     'max_train_pairs = 320\n[train]\nepochs = 1\nbatch_size = 8\nlr = 1e-05\n'
+                                     '[eval]\nprompts = 80\n')
+
+
+def test_compare_report_gives_each_gain_its_paired_standard_error(benchmarks_pkg, tmp_path):
+    from benchmarks import compare_report
+
+    runs = tmp_path / "compare" / "runs"
+    _write_run(runs, "dpo-train.beta=0.1", [(0.5, 0.1), (0.6, 0.1), (0.7, 0.1), (0.4, 0.1)])  # gain 0.45
+    _write_run(runs, "simpo-train.beta=2", [(0.2, 0.1), (0.0, 0.1), (0.2, 0.1), (0.0, 0.1)])  # gain 0.0
+    (runs / "sepo-train.gamma=1" / "eval").mkdir(parents=True)  # eval not finished: left out
+    rows, unfinished = compare_report.run_rows(tmp_path / "compare")
+    assert unfinished == 1 and [r["run"] for r in rows] == ["dpo-train.beta=0.1", "simpo-train.beta=2"]
+    dpo, simpo = rows
+    assert dpo["gain"] == pytest.approx(0.45) and dpo["se"] == pytest.approx(0.12909944 / 2)  # sd(diffs) / sqrt(4)
+    assert dpo["z"] > 3 and simpo["gain"] == pytest.approx(0.0) and simpo["z"] == pytest.approx(0.0)
+    text = compare_report.report(tmp_path / "compare", tmp_path / "C.md", tmp_path / "f.png", "selpo compare")
+    assert "Separated from the initial model: dpo-train.beta=0.1." in text and "1 not finished" in text
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
