@@ -30,6 +30,14 @@ def _keys_epilog(keys: tuple[str, ...]) -> str:
     return "configuration keys this stage depends on (set with --set KEY=VALUE):\n" + "\n".join(parts)
 
 
+def _stages_epilog() -> str:
+    """The stages each registered method runs, in order (``method = NAME`` picks one)."""
+    from . import methods
+
+    lines = [f"  {name}: {' -> '.join(methods.get(name).stages)}" for name in methods.names()]
+    return "stages each method runs (--set method=NAME):\n" + "\n".join(lines)
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
@@ -77,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "already done in the run folder with the same configuration (a stage whose keys "
                               "changed, or that follows a redone one, runs again). A killed training stage resumes "
                               "from its last checkpoint. Ends with a results table and the report's path.",
-                              epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=_stages_epilog() + "\n\n" + CONFIG_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(run)
     comp = commands.add_parser("compare", help="run the methods side by side and write a comparison report",
                                description="Runs each method (default: every registered one) over a small grid of "

@@ -117,4 +117,4 @@ def pair_rewards(accelerator: Accelerator, model, pairs: list[TokenizedPair | To
             values = token_rewards(model, batch)
         return split_packed(values.cpu(), batch.cu_seqlens.cpu(), len(chunk[0].responses))
 
-    return map_batches(accelerator, pairs, batch_size, rewards)
+    return map_batches(accelerator, pairs, batch_size, rewards, desc="token rewards")

@@ -252,8 +252,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     with _own_registrations(accelerator):
-        module = accelerator.prepare(ObjectiveModule(model, objective))
-        optimizer = accelerator.prepare(torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
+        # One call: FSDP2 shards the model and re-points the optimizer at the shards, so it needs both at once.
+        module = ObjectiveModule(model, objective)
+        module, optimizer = accelerator.prepare(
+            module, torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
         # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
         factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
