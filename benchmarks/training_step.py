@@ -280,43 +280,40 @@ def run_all(todo: list[dict]) -> list[dict]:
     return results
 
 
-def _activations(r: dict) -> str:
-    return "recomputed (checkpointing)" if r["checkpointing"] else "stored"
+def ratio_table(results: list[dict], baseline: str, label, columns: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown rows of ``results``, each measure followed by its ratio to the ``baseline`` variant's result with
+    the same activations setting. ``label(r)`` names a row; ``columns``: (header, result key, unit) with unit
+    "s" (seconds) or "MiB" (a byte count)."""
+    headers = ["variant", "activations"] + [h for header, _, _ in columns for h in (header, f"× {baseline}")]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in results:
+        base = next(b for b in results if b["variant"] == baseline and b["checkpointing"] == r["checkpointing"])
+        cells = [label(r), "recomputed (checkpointing)" if r["checkpointing"] else "stored"]
+        for _, key, unit in columns:
+            cells += [f"{r[key]:.2f} s" if unit == "s" else f"{r[key] / 2**20:.0f} MiB", f"{r[key] / base[key]:.2f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def sepo_table(results: list[dict]) -> list[str]:
-    lines = ["## SePO step: fused ops against full logits", "",
-             f"{int(RATIO * 100)}% of response tokens selected; forward + backward + AdamW, float32; peak: what the "
-             "step adds to the resident set over the model, its optimizer state and the batch.", "",
-             "| variant | activations | median step time | × full logits | peak over model+optimizer "
-             "| × full logits |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        full = next(f for f in results if f["variant"] == "full-logits" and f["checkpointing"] == r["checkpointing"])
-        lines.append(f"| {r['variant']} | {_activations(r)} | {r['median_s']:.2f} s "
-                     f"| {r['median_s'] / full['median_s']:.2f}× | {r['peak_extra_bytes'] / 2**20:.0f} MiB "
-                     f"| {r['peak_extra_bytes'] / full['peak_extra_bytes']:.2f}× |")
-    return lines
+    return ["## SePO step: fused ops against full logits", "",
+            f"{int(RATIO * 100)}% of response tokens selected; forward + backward + AdamW, float32; peak: what the "
+            "step adds to the resident set over the model, its optimizer state and the batch.", ""] + \
+        ratio_table(results, "full-logits", lambda r: r["variant"],
+                    [("median step time", "median_s", "s"), ("peak over model+optimizer", "peak_extra_bytes", "MiB")])
 
 
 def dpo_table(results: list[dict], device: str) -> list[str]:
     memory = "allocated tensors (torch.cuda.max_memory_allocated)" if device == "cuda" else "resident set (VmHWM)"
-    lines = ["## DPO step: selpo's trainer against TRL's DPOTrainer", "",
-             "One optimizer step of each trainer (forward of all pairs, backward, clipping, AdamW, the trainer's own "
-             "bookkeeping); reference log-probs precomputed by both; AdamW as each trainer makes it (TRL: "
-             "transformers' default, PyTorch's fused AdamW; selpo: `torch.optim.AdamW` with its defaults). Peak: the "
-             f"{memory} during the step, and what the step adds to what it starts with. × TRL: against TRL's "
-             "DPOTrainer with the same activations setting.", "",
-             "| trainer | activations | median step time | × TRL | peak during step | × TRL | added by the step "
-             "| × TRL |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        trl = next(t for t in results if t["variant"] == "trl" and t["checkpointing"] == r["checkpointing"])
-        lines.append(f"| {DPO_VARIANTS[r['variant']]} | {_activations(r)} | {r['median_s']:.2f} s "
-                     f"| {r['median_s'] / trl['median_s']:.2f}× | {r['peak_bytes'] / 2**20:.0f} MiB "
-                     f"| {r['peak_bytes'] / trl['peak_bytes']:.2f}× | {r['peak_extra_bytes'] / 2**20:.0f} MiB "
-                     f"| {r['peak_extra_bytes'] / trl['peak_extra_bytes']:.2f}× |")
-    return lines
+    return ["## DPO step: selpo's trainer against TRL's DPOTrainer", "",
+            "One optimizer step of each trainer (forward of all pairs, backward, clipping, AdamW, the trainer's own "
+            "bookkeeping); reference log-probs precomputed by both; AdamW as each trainer makes it (TRL: "
+            "transformers' default, PyTorch's fused AdamW; selpo: `torch.optim.AdamW` with its defaults). Peak: the "
+            f"{memory} during the step, and what the step adds to what it starts with. × trl: against TRL's "
+            "DPOTrainer with the same activations setting.", ""] + \
+        ratio_table(results, "trl", lambda r: DPO_VARIANTS[r["variant"]],
+                    [("median step time", "median_s", "s"), ("peak during step", "peak_bytes", "MiB"),
+                     ("added by the step", "peak_extra_bytes", "MiB")])
 
 
 def write_report(results: list[dict], device: str, size: Size, command: str, path: str) -> None:

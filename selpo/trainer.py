@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 
 from . import checkpoint, progress
@@ -84,6 +84,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _prepare_with_optimizer(accelerator: Accelerator, module: torch.nn.Module, config: LoopConfig):
+    """(module, AdamW) prepared in the order the accelerator's sharding needs: FSDP1 replaces the parameters
+    when it wraps the module, so the optimizer is built over the wrapped module's; FSDP2 re-points an optimizer
+    at the shards itself and takes both in one call; everything else takes either."""
+    def adamw(m):
+        return torch.optim.AdamW(param_groups(m, config.weight_decay), lr=config.lr)
+
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        module = accelerator.prepare(module)
+        return module, accelerator.prepare(adamw(module))
+    return accelerator.prepare(module, adamw(module))
 
 
 class Tally:
@@ -252,10 +265,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     with _own_registrations(accelerator):
-        # One call: FSDP2 shards the model and re-points the optimizer at the shards, so it needs both at once.
-        module = ObjectiveModule(model, objective)
-        module, optimizer = accelerator.prepare(
-            module, torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr))
+        module, optimizer = _prepare_with_optimizer(accelerator, ObjectiveModule(model, objective), config)
         # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
         factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -334,3 +334,30 @@ def test_two_processes_match_one(tiny, accelerator, tmp_path):
             assert torch.equal(x, y)
     logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, LOOP.max_steps + 1))
+
+
+@pytest.mark.parametrize("kind, fsdp2, calls", [("NO", False, [("ObjectiveModule", "AdamW")]),
+                                                ("MULTI_CPU", False, [("ObjectiveModule", "AdamW")]),
+                                                ("FSDP", True, [("ObjectiveModule", "AdamW")]),
+                                                ("FSDP", False, [("ObjectiveModule",), ("AdamW",)])])
+def test_prepare_order_follows_the_sharding(kind, fsdp2, calls):
+    """FSDP1 (which cannot run on CPU) gets the module prepared before AdamW is built over it; FSDP2 (which
+    refuses two calls) and everything else get both in one call; AdamW holds the prepared module's parameters."""
+    from accelerate.utils import DistributedType
+
+    from selpo.trainer import ObjectiveModule, _prepare_with_optimizer
+
+    class Recorder:
+        distributed_type, is_fsdp2, seen = DistributedType[kind], fsdp2, []
+
+        def prepare(self, *objects):
+            self.seen.append(tuple(type(o).__name__ for o in objects))
+            return objects if len(objects) > 1 else objects[0]
+
+    recorder = Recorder()
+    module = ObjectiveModule(torch.nn.Linear(3, 2), objective=None)
+    module, optimizer = _prepare_with_optimizer(recorder, module, STEPS)
+    assert recorder.seen == calls
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters()}
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [STEPS.weight_decay, 0.0]

@@ -55,38 +55,46 @@ def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tens
 
 def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True) -> None:
     """Folds the tile into each row's running max ``m`` and sum ``s`` of exp(z - m) (in place); x is kept,
-    unless ``keep`` is False (then its contents are undefined after).
+    unless ``keep`` is False (then its contents are undefined after). A block costs two ops (the transform and
+    ``torch.logsumexp``, whose max, exp and sum sweep the cached block); the rows' [r] vectors merge after.
 
     A row holding nan or +inf ends with a nan sum, never a number."""
     in_place = not keep and x.dtype == acc_dtype(x.dtype)
+    lse = torch.empty_like(m)
     for a, b in row_blocks(x):
         z = (transform_ if in_place else transformed)(x[a:b], bias, temperature, softcap)
-        m_new = torch.maximum(m[a:b], z.amax(dim=1))
-        safe = shift_of(m_new)
-        s[a:b].mul_(torch.exp(m[a:b] - safe)).add_(z.sub_(safe[:, None]).exp_().sum(dim=1))
-        m[a:b] = m_new
+        torch.logsumexp(z, dim=1, out=lse[a:b])
+    m_new = torch.maximum(m, lse)
+    safe = shift_of(m_new)
+    s.mul_(torch.exp(m - safe)).add_(torch.exp(lse - safe))
+    m.copy_(m_new)
 
 
 def grad_logits_(x, bias, targets, v0, g, lse, temperature, softcap) -> None:
     """x <- dL/dx = g/T * (onehot(target) - softmax(z)) * softcap'(x + b), in place, for upstream gradients
     ``g`` [r] (fp32) of the rows' log-probs; ``targets`` [r] are the rows' targets (others than [v0, v0+w)
-    simply match no column)."""
+    simply match no column). The rows' [r] vectors are made before the blocks, which cost their sweeps only."""
     cols = targets.long() - v0
     inside = (cols >= 0) & (cols < x.shape[1])
     cols = cols.clamp(0, x.shape[1] - 1)[:, None]
-    g_t = g.to(acc_dtype(x.dtype)) / temperature
-    in_place = x.dtype == acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
+    g_t = g.to(acc) / temperature
+    in_place = x.dtype == acc
+    lse = lse.to(acc)[:, None]
+    if softcap is None:  # g/T * onehot - (g/T) * p
+        scale, onehot = -g_t[:, None], (g_t * inside)[:, None]
+    else:  # (onehot - p) * (1 - tanh^2), then times g/T
+        scale, onehot = g_t[:, None], inside.to(acc)[:, None]
     for a, b in row_blocks(x):
         z = (transform_ if in_place else transformed)(x[a:b], bias, temperature, softcap)
-        lse_b = lse[a:b].to(z.dtype)[:, None]
-        if softcap is None:  # g/T * onehot - (g/T) * p
-            z.sub_(lse_b).exp_().mul_(-g_t[a:b, None])
-            z.scatter_add_(1, cols[a:b], (g_t[a:b] * inside[a:b])[:, None])
+        if softcap is None:
+            z.sub_(lse[a:b]).exp_().mul_(scale[a:b])
+            z.scatter_add_(1, cols[a:b], onehot[a:b])
         else:
             tanh_sq = (z * (temperature / softcap)).square_()
-            z.sub_(lse_b).exp_().neg_()
-            z.scatter_add_(1, cols[a:b], inside[a:b].to(z.dtype)[:, None])
-            z.mul_(tanh_sq.neg_().add_(1)).mul_(g_t[a:b, None])
+            z.sub_(lse[a:b]).exp_().neg_()
+            z.scatter_add_(1, cols[a:b], onehot[a:b])
+            z.mul_(tanh_sq.neg_().add_(1)).mul_(scale[a:b])
         if not in_place:
             x[a:b] = z
 
