@@ -342,7 +342,10 @@ def test_two_processes_match_one(tiny, accelerator, tmp_path):
                                                 ("FSDP", False, [("ObjectiveModule",), ("AdamW",)])])
 def test_prepare_order_follows_the_sharding(kind, fsdp2, calls):
     """FSDP1 (which cannot run on CPU) gets the module prepared before AdamW is built over it; FSDP2 (which
-    refuses two calls) and everything else get both in one call; AdamW holds the prepared module's parameters."""
+    refuses two calls) and everything else get both in one call; AdamW holds the prepared module's parameters.
+    A module prepared alone comes back with new parameters, as FSDP1 gives it, so AdamW built before that fails."""
+    import copy
+
     from accelerate.utils import DistributedType
 
     from selpo.trainer import ObjectiveModule, _prepare_with_optimizer
@@ -352,6 +355,8 @@ def test_prepare_order_follows_the_sharding(kind, fsdp2, calls):
 
         def prepare(self, *objects):
             self.seen.append(tuple(type(o).__name__ for o in objects))
+            if len(objects) == 1 and isinstance(objects[0], torch.nn.Module):
+                return copy.deepcopy(objects[0])
             return objects if len(objects) > 1 else objects[0]
 
     recorder = Recorder()
