@@ -94,6 +94,9 @@ class LoopConfig:
     gradient_checkpointing: bool = option(False, "Recompute each transformer layer's activations in the backward "
                                           "instead of storing them: much less memory for about a third more "
                                           "compute.")
+    lean_body: bool = option(True, "Run the model's SwiGLU MLPs and RMSNorms as autograd functions that store "
+                             "only their inputs (selpo.lean_body): about 40% less stored activation memory in "
+                             "a Llama-style model, the same values and gradients up to rounding.")
 
     def __post_init__(self):
         s = self.SECTION

@@ -32,6 +32,7 @@ from . import checkpoint, progress
 from .atomic import write_text_atomic
 from .data import BatchSchedule
 from .examples import Batch, Example, collate
+from .lean_body import lean_body
 
 if TYPE_CHECKING:
     from .config import LoopConfig, RunConfig
@@ -91,7 +92,10 @@ def _prepare_with_optimizer(accelerator: Accelerator, module: torch.nn.Module, c
     when it wraps the module, so the optimizer is built over the wrapped module's; FSDP2 re-points an optimizer
     at the shards itself and takes both in one call; everything else takes either."""
     def adamw(m):
-        return torch.optim.AdamW(param_groups(m, config.weight_decay), lr=config.lr)
+        # Fused: one pass over the parameters per step (on 2 CPU cores 0.10 s instead of the foreach default's
+        # 0.47 s at 135M parameters); not over FSDP's shards, which no test here can run it on.
+        fused = accelerator.distributed_type != DistributedType.FSDP
+        return torch.optim.AdamW(param_groups(m, config.weight_decay), lr=config.lr, fused=fused)
 
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         module = accelerator.prepare(module)
@@ -264,7 +268,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    with _own_registrations(accelerator):
+    with _own_registrations(accelerator), lean_body(model) if config.lean_body else contextlib.nullcontext():
         module, optimizer = _prepare_with_optimizer(accelerator, ObjectiveModule(model, objective), config)
         # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
         factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)

@@ -185,6 +185,20 @@ def test_gradient_checkpointing_gives_the_same_weights_without_a_warning(tiny, a
     assert not all(torch.equal(a[k], initial[k]) for k in a)
 
 
+
+def test_the_lean_body_trains_to_the_eager_weights_and_leaves_the_model_as_it_was(tiny, accelerator, dpo_examples,
+                                                                                 tmp_path):
+    loop = LoopConfig(batch_size=4, micro_batch_size=2, lr=1e-3, max_steps=2, save_every=0, warmup_ratio=0.0)
+    eager = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "eager",
+                       loop=dataclasses.replace(loop, lean_body=False))
+    swapped = []
+    lean = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "lean", loop=loop,
+                      before_step=lambda step, lm: swapped.append("forward" in lm.model.layers[0].mlp.__dict__))
+    assert swapped == [True, True]
+    assert not [n for n, m in lean.named_modules() if "forward" in m.__dict__]
+    a, b = eager.state_dict(), lean.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
 def test_training_logs_loss_accuracy_and_schedule(tiny, accelerator, dpo_examples, tmp_path):
     loop = LoopConfig(batch_size=4, micro_batch_size=4, lr=1e-3, max_steps=4, save_every=0, warmup_ratio=0.25)
     _train_dpo(tiny, accelerator, dpo_examples, tmp_path, loop=loop)
