@@ -12,8 +12,8 @@ layer being recomputed at a time), and the RMSNorm's backward runs fewer passes.
 A model's modules are swapped only where they compute what these functions compute: a module qualifies by
 its parts (``gate_proj``, ``up_proj``, ``down_proj`` linear layers without bias and a SiLU ``act_fn``; or a
 class named ``*RMSNorm`` with a vector ``weight`` and an epsilon), and then its own forward is run against
-the lean one on a random input once per class; a class whose forward differs (Gemma's ``1 + weight`` norm,
-an MLP with dropout) keeps its own.
+the lean one on a random input (a few rows, once per module: milliseconds); one whose forward differs (Gemma's
+``1 + weight`` norm, an MLP with dropout or a multiplier) keeps its own.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VERIFY_ROWS = 5  # rows of the random input each module class is checked on
+VERIFY_ROWS = 5  # rows of the random input each module is checked on
 VERIFY_RTOL = 1e-4  # float32 reassociation
 VERIFY_ATOL = 1e-5
 
@@ -135,16 +135,13 @@ def lean_body(model: nn.Module):
     """Within the block, every SwiGLU MLP and RMSNorm of ``model`` that computes what ``swiglu_mlp`` or
     ``rms_norm`` compute runs them instead; yields the qualified names of the swapped modules. The modules'
     own forwards are back when the block ends, however it ends."""
-    verdicts: dict[type, bool] = {}
     swapped: list[tuple[str, nn.Module]] = []
     try:
         for name, module in model.named_modules():
             found = _lean_forward(module)
             if found is None or "forward" in module.__dict__:  # an instance's own forward is someone's patch
                 continue
-            if type(module) not in verdicts:
-                verdicts[type(module)] = _same_forward(module, *found)
-            if verdicts[type(module)]:
+            if _same_forward(module, *found):
                 module.forward = found[0]
                 swapped.append((name, module))
         yield [name for name, _ in swapped]

@@ -1,6 +1,10 @@
 """selpo.lean_body: the lean SwiGLU MLP and RMSNorm against eager float64 math (values and every gradient, odd
 sizes, no rows, one row), under bf16 autocast, and swapped into a tiny Llama: the same loss and gradients, fewer
-saved bytes, the modules' own forwards back afterwards, and modules that compute something else left alone."""
+saved bytes, the modules' own forwards back afterwards, and modules that compute something else left alone; and
+every architecture of the head conformance suite trained with it keeps its own log-probs and gradients."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,10 @@ from torch import nn
 from selpo.lean_body import lean_body, rms_norm, swiglu_mlp
 from selpo.models import load_causal_lm
 from selpo.testing import tiny_model_dir
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_head_conformance import (ARCHITECTURES, GRAD_RTOL, LOGP_TOL, batch_ids, build,  # noqa: E402
+                                   gradients, model_logps, slug)
 
 
 def _eager_mlp(x, gate_w, up_w, down_w):
@@ -154,3 +162,25 @@ def test_the_forwards_come_back_when_the_block_raises(tiny_llama):
             raise RuntimeError("stop")
     assert not [n for n, m in tiny_llama.named_modules() if "forward" in m.__dict__]
 
+
+
+SWAPPED_IN = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"}  # SwiGLU MLPs, plain RMSNorms: lean_body acts
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=slug)
+def test_every_architecture_keeps_its_log_probs_and_gradients(arch):
+    """On each architecture of the head conformance suite, the model's own log-probs and gradients are the same
+    with and without the lean body; what it swaps is whatever passed its check."""
+    model = build(arch)  # in eval mode: dropout would make two forwards differ
+    ids = batch_ids()
+    w = torch.randn(ids.shape[0] * (ids.shape[1] - 1), generator=torch.Generator().manual_seed(2))
+    expected = model_logps(model, ids)
+    expected_grads = gradients(model, expected, w)
+    with lean_body(model) as swapped:
+        got = model_logps(model, ids)
+        got_grads = gradients(model, got, w)
+    if arch.model_type in SWAPPED_IN:
+        assert any(name.endswith("mlp") for name in swapped) and any(name.endswith("norm") for name in swapped)
+    assert float((got - expected).detach().abs().max()) <= LOGP_TOL
+    scale = max(float(g.abs().max()) for g in expected_grads)
+    assert max(float((a - b).abs().max()) for a, b in zip(got_grads, expected_grads)) <= GRAD_RTOL * scale
