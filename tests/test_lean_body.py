@@ -16,8 +16,7 @@ from selpo.models import load_causal_lm
 from selpo.testing import tiny_model_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_head_conformance import (ARCHITECTURES, GRAD_RTOL, LOGP_TOL, batch_ids, build,  # noqa: E402
-                                   gradients, model_logps, slug)
+from test_head_conformance import ARCHITECTURES, GRAD_RTOL, LOGP_TOL, batch_ids, build, gradients, model_logps, slug  # noqa: E402
 
 
 def _eager_mlp(x, gate_w, up_w, down_w):
