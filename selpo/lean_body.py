@@ -102,12 +102,12 @@ def _norm_eps(module: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
-def _lean_forward(module: nn.Module):
+def _lean_forward(module: nn.Module, mlp: bool):
     """The lean forward that may replace ``module``'s, judged from its parts alone (None when none applies),
     and the width of its input. It reads the parameters at each call, as the module's own forward does
     (wrappers such as FSDP swap them)."""
     linears = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if all(isinstance(m, nn.Linear) and m.bias is None for m in linears) and \
+    if mlp and all(isinstance(m, nn.Linear) and m.bias is None for m in linears) and \
             type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
         return (lambda x: swiglu_mlp(x, module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight),
                 module.gate_proj.in_features)
@@ -131,14 +131,20 @@ def _same_forward(module: nn.Module, lean, width: int) -> bool:
 
 
 @contextlib.contextmanager
-def lean_body(model: nn.Module):
-    """Within the block, every SwiGLU MLP and RMSNorm of ``model`` that computes what ``swiglu_mlp`` or
-    ``rms_norm`` compute runs them instead; yields the qualified names of the swapped modules. The modules'
-    own forwards are back when the block ends, however it ends."""
+def lean_body(model: nn.Module, *, mlp: bool = True):
+    """Within the block, every SwiGLU MLP (unless ``mlp`` is False) and RMSNorm of ``model`` that computes what
+    ``swiglu_mlp`` or ``rms_norm`` compute runs them instead; yields the qualified names of the swapped modules.
+    The modules' own forwards are back when the block ends, however it ends.
+
+    Under gradient checkpointing pass ``mlp=False``: a layer's activations then live one layer at a time, so the
+    MLP's saving is small, and it would cost time. Checkpointing stops a layer's recomputation once the last
+    tensor its backward needs is saved; an eager MLP's last one is the down projection's input, saved before
+    that GEMM runs, while an autograd function's are saved when its forward returns, after it.
+    """
     swapped: list[tuple[str, nn.Module]] = []
     try:
         for name, module in model.named_modules():
-            found = _lean_forward(module)
+            found = _lean_forward(module, mlp)
             if found is None or "forward" in module.__dict__:  # an instance's own forward is someone's patch
                 continue
             if _same_forward(module, *found):

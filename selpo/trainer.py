@@ -268,7 +268,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    with _own_registrations(accelerator), lean_body(model) if config.lean_body else contextlib.nullcontext():
+    lean = lean_body(model, mlp=not config.gradient_checkpointing) if config.lean_body else contextlib.nullcontext()
+    with _own_registrations(accelerator), lean:
         module, optimizer = _prepare_with_optimizer(accelerator, ObjectiveModule(model, objective), config)
         # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
         factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)

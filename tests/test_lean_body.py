@@ -154,6 +154,11 @@ def test_modules_that_compute_something_else_keep_their_forward():
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)
 
 
+def test_mlp_false_swaps_the_norms_only(tiny_llama):
+    with lean_body(tiny_llama, mlp=False) as swapped:
+        assert swapped and all(name.endswith("norm") for name in swapped)
+
+
 def test_the_forwards_come_back_when_the_block_raises(tiny_llama):
     with pytest.raises(RuntimeError, match="stop"):
         with lean_body(tiny_llama) as swapped:

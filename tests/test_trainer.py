@@ -175,8 +175,13 @@ def test_gradient_checkpointing_gives_the_same_weights_without_a_warning(tiny, a
     stored = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "stored", loop=loop)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        layer = []
         recomputed = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "recomputed",
-                                loop=dataclasses.replace(loop, gradient_checkpointing=True))
+                                loop=dataclasses.replace(loop, gradient_checkpointing=True),
+                                before_step=lambda step, lm: layer.append(
+                                    [("forward" in m.__dict__) for m in (lm.model.layers[0].input_layernorm,
+                                                                         lm.model.layers[0].mlp)]))
+    assert layer == [[True, False]] * 2  # while training: a lean norm, the eager MLP (selpo.lean_body)
     assert not [str(w.message) for w in caught if "checkpoint" in str(w.message)]
     assert _checkpointing(recomputed) and not _checkpointing(stored)
     a, b = stored.state_dict(), recomputed.state_dict()
