@@ -324,7 +324,8 @@ def dpo_table(results: list[dict], device: str) -> list[str]:
             "One optimizer step of each trainer (forward of all pairs, backward, clipping, AdamW, the trainer's own "
             "bookkeeping); reference log-probs precomputed by both; AdamW as each trainer makes it (TRL: "
             "transformers' default, PyTorch's fused AdamW; selpo: fused AdamW too), each model's body as its trainer "
-            "runs it (selpo: `lean_body`, its SwiGLU MLPs and RMSNorms storing only their inputs). Peak: the "
+            "runs it (selpo: `lean_body`, its SwiGLU MLPs and RMSNorms storing only their inputs; under "
+            "checkpointing its RMSNorms only). Peak: the "
             f"{memory} during the step, and what the step adds to what it starts with. × trl: against TRL's "
             "DPOTrainer with the same activations setting.", ""] + \
         ratio_table(results, "trl", lambda r: DPO_VARIANTS[r["variant"]],
