@@ -96,7 +96,8 @@ class LoopConfig:
                                           "compute.")
     lean_body: bool = option(True, "Run the model's SwiGLU MLPs and RMSNorms as autograd functions that store "
                              "only their inputs (selpo.lean_body): about 40% less stored activation memory in "
-                             "a Llama-style model, the same values and gradients up to rounding.")
+                             "a Llama-style model, the same values and gradients up to rounding. Under "
+                             "gradient_checkpointing the RMSNorms only.")
 
     def __post_init__(self):
         s = self.SECTION
