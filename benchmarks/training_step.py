@@ -50,7 +50,8 @@ from selpo.kernels import linear_selective_loss, sepo_loss, topk_mask
 from selpo.logprobs import response_states
 from selpo.methods import DPO, with_reference_logps
 from selpo.models import load_causal_lm
-from selpo.trainer import enable_gradient_checkpointing, make_accelerator, train
+from selpo.recompute import enable_gradient_checkpointing
+from selpo.trainer import make_accelerator, train
 
 from .harness import REPO, Step, _reset_high_water_mark, _status_kib, measure_peak
 
@@ -325,7 +326,8 @@ def dpo_table(results: list[dict], device: str) -> list[str]:
             "bookkeeping); reference log-probs precomputed by both; AdamW as each trainer makes it (TRL: "
             "transformers' default, PyTorch's fused AdamW; selpo: fused AdamW too), each model's body as its trainer "
             "runs it (selpo: `lean_body`, its SwiGLU MLPs and RMSNorms storing only their inputs; under "
-            "checkpointing its RMSNorms only). Peak: the "
+            "checkpointing its RMSNorms only, and the attention kernels' outputs kept from the forward, "
+            "`selpo.recompute`; TRL: transformers' full checkpointing). Peak: the "
             f"{memory} during the step, and what the step adds to what it starts with. × trl: against TRL's "
             "DPOTrainer with the same activations setting.", ""] + \
         ratio_table(results, "trl", lambda r: DPO_VARIANTS[r["variant"]],

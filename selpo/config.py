@@ -94,6 +94,10 @@ class LoopConfig:
     gradient_checkpointing: bool = option(False, "Recompute each transformer layer's activations in the backward "
                                           "instead of storing them: much less memory for about a third more "
                                           "compute.")
+    keep_attention: bool = option(True, "Under gradient_checkpointing, keep each layer's attention output (of "
+                                  "torch's fused scaled_dot_product_attention kernels or flash-attn's: one "
+                                  "[tokens, hidden] tensor per layer) so that the recomputation skips the "
+                                  "attention kernel (selective activation checkpointing, selpo.recompute).")
     lean_body: bool = option(True, "Run the model's SwiGLU MLPs and RMSNorms as autograd functions that store "
                              "only their inputs (selpo.lean_body): about 40% less stored activation memory in "
                              "a Llama-style model, the same values and gradients up to rounding. Under "

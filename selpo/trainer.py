@@ -33,6 +33,7 @@ from .atomic import write_text_atomic
 from .data import BatchSchedule
 from .examples import Batch, Example, collate
 from .lean_body import lean_body
+from .recompute import enable_gradient_checkpointing
 
 if TYPE_CHECKING:
     from .config import LoopConfig, RunConfig
@@ -228,17 +229,6 @@ def _own_registrations(accelerator: Accelerator):
             setattr(accelerator, name, value)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant activation checkpointing under the name the installed transformers gives it, so that
-    nothing warns: ``activation_checkpointing_enable`` where it exists (there ``gradient_checkpointing_enable``
-    is a deprecated alias), else ``gradient_checkpointing_enable``. Torch warns unless ``use_reentrant`` is set."""
-    options = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-
-
 def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective: Objective,
           examples: list[Example], config: LoopConfig, out_dir: str | Path, *, seed: int, fingerprint: str = "",
           on_step: Callable[[int], None] | None = None,
@@ -267,7 +257,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     set_seed(seed)
     model.train()
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, keep_attention=config.keep_attention)
     lean = lean_body(model, mlp=not config.gradient_checkpointing) if config.lean_body else contextlib.nullcontext()
     with _own_registrations(accelerator), lean:
         module, optimizer = _prepare_with_optimizer(accelerator, ObjectiveModule(model, objective), config)

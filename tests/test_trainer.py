@@ -29,6 +29,7 @@ from selpo.testing import tiny_model_dir
 from selpo.trainer import make_accelerator, read_metrics, train, warmup_cosine
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_recompute import OpCounter  # noqa: E402
 from tiny_data import write_pairs  # noqa: E402
 from trainer_case import LOOP, run_case  # noqa: E402
 
@@ -170,25 +171,34 @@ def _checkpointing(model):
     return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
-def test_gradient_checkpointing_gives_the_same_weights_without_a_warning(tiny, accelerator, dpo_examples, tmp_path):
+@pytest.mark.parametrize("keep_attention", [True, False])
+def test_gradient_checkpointing_gives_the_same_weights_without_a_warning(tiny, accelerator, dpo_examples, tmp_path,
+                                                                         keep_attention):
     loop = LoopConfig(batch_size=4, micro_batch_size=2, lr=1e-3, max_steps=2, save_every=0, warmup_ratio=0.0)
-    stored = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "stored", loop=loop)
-    with warnings.catch_warnings(record=True) as caught:
+    with OpCounter() as counted:
+        stored = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "stored", loop=loop)
+    with warnings.catch_warnings(record=True) as caught, OpCounter() as recounted:
         warnings.simplefilter("always")
         layer = []
         recomputed = _train_dpo(tiny, accelerator, dpo_examples, tmp_path / "recomputed",
-                                loop=dataclasses.replace(loop, gradient_checkpointing=True),
+                                loop=dataclasses.replace(loop, gradient_checkpointing=True,
+                                                         keep_attention=keep_attention),
                                 before_step=lambda step, lm: layer.append(
                                     [("forward" in m.__dict__) for m in (lm.model.layers[0].input_layernorm,
                                                                          lm.model.layers[0].mlp)]))
     assert layer == [[True, False]] * 2  # while training: a lean norm, the eager MLP (selpo.lean_body)
+    # selpo.recompute: the recomputation runs the attention kernels again (once per layer and micro-batch) unless
+    # they are kept
+    micro_batches = loop.max_steps * loop.batch_size // loop.micro_batch_size
+    again = 0 if keep_attention else micro_batches * stored.config.num_hidden_layers
+    assert counted.attention_calls() > 0
+    assert recounted.attention_calls() - counted.attention_calls() == again
     assert not [str(w.message) for w in caught if "checkpoint" in str(w.message)]
     assert _checkpointing(recomputed) and not _checkpointing(stored)
     a, b = stored.state_dict(), recomputed.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     initial = load_causal_lm(tiny[0])[0].state_dict()
     assert not all(torch.equal(a[k], initial[k]) for k in a)
-
 
 
 def test_the_lean_body_trains_to_the_eager_weights_and_leaves_the_model_as_it_was(tiny, accelerator, dpo_examples,
