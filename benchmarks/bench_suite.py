@@ -9,6 +9,7 @@ run here is recorded as n/a with the reason. An error or a wrong result of selpo
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import asdict
 
@@ -50,11 +51,17 @@ def check(step, case, family, x, ref, record) -> None:
     step.clear()
 
 
+def memory_need(case, impl, x) -> float:
+    """Bytes ``impl`` needs at ``case``: the inputs and its [N, V] float32 buffers."""
+    return FAMILIES[case.family].input_bytes(case, x) + impl.dense * case.n * case.v * 4 * (0.5 if case.mode == "fwd"
+                                                                                             else 1)
+
+
 def measure(case, impl, x, ref, record, request, bench) -> None:
     family = FAMILIES[case.family]
     if impl.key in case.skip:
         raise Unavailable("left out of this plan to keep it short; the same code runs in another case")
-    need = family.input_bytes(case, x) + impl.dense * case.n * case.v * 4 * (0.5 if case.mode == "fwd" else 1)
+    need = memory_need(case, impl, x)
     if need > bench.budget:
         raise Unavailable(f"needs about {gib(need)} for its [N, V] logits, over the {gib(bench.budget)} budget")
     torch._dynamo.reset()  # every compiled implementation starts with a fresh cache (and recompile limit)
@@ -83,6 +90,43 @@ def measure(case, impl, x, ref, record, request, bench) -> None:
     benchmark.extra_info.update(correct=record.correct, error=record.error, peak_bytes=record.peak_bytes,
                                 workspace_bytes=record.workspace_bytes)
     step.clear()
+    if impl.key == case.paired_impl and record.correct:
+        others = {i.key: i for i in family.impls(case)}
+        for key in case.paired:
+            record.paired[key] = alternate(case, step, others[key], x, bench)
+
+
+def timed_once(step, device) -> float:
+    step.prepare()
+    sync(device)
+    start = time.perf_counter()
+    step.timed()
+    sync(device)
+    seconds = time.perf_counter() - start
+    step.clear()
+    return seconds
+
+
+def alternate(case, step, other, x, bench) -> dict:
+    """Medians of ``step`` (selpo's) and of implementation ``other``, timed in alternation, ``case.paired_rounds``
+    rounds each (A B, then B A, ...), after an untimed run of ``other``: a ratio of the two that a drift of
+    the machine's speed during the run does not bias, as it can the ratio of two tests timed one after the
+    other."""
+    if other.key in case.skip or memory_need(case, other, x) > bench.budget:
+        return {"reason": "not run here (left out of the plan, or over the memory budget)"}
+    try:
+        other_step = other.build(case, x)
+    except Unavailable as e:
+        return {"reason": str(e)}
+    other_step.run()
+    other_step.clear()
+    times = {"ours": [], "other": []}
+    for r in range(case.paired_rounds):
+        order = ("ours", "other") if r % 2 == 0 else ("other", "ours")
+        for name in order:
+            times[name].append(timed_once(step if name == "ours" else other_step, case.device))
+    return {"median_s": statistics.median(times["ours"]), "other_median_s": statistics.median(times["other"]),
+            "rounds": case.paired_rounds}
 
 
 def test_bench(case, impl, request, bench):

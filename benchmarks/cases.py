@@ -25,11 +25,23 @@ QUICK_SKIP = {("linear_logprobs", "fwd"): ("naive-compile", "cce-compile"),
               ("selective_loss", "fwd+bwd"): ("naive-compile", "cce-compile", "cce-compile-sel")}
 
 
+# Per headline case (family, mode): the selpo implementation whose numbers answer its targets, and the
+# implementations those targets compare it with, on CPU and on CUDA.
+CPU_PAIRED = {("linear_logprobs", "fwd+bwd"): ("selpo-torch", ("naive",)),
+              ("selective_loss", "fwd+bwd"): ("selpo-fused-torch", ("naive", "floor", "cce-compile-sel"))}
+CUDA_PAIRED = {("linear_logprobs", "fwd"): ("selpo-triton", ("floor", "liger-flce", "cce")),
+               ("linear_logprobs", "fwd+bwd"): ("selpo-triton", ("naive", "floor", "liger-flce")),
+               ("selective_loss", "fwd+bwd"): ("selpo-fused-triton", ("naive", "floor", "cce-sel", "cce-compile-sel")),
+               ("token_scores_topk", "select"): ("selpo-triton", ("floor",))}
+
+
 @dataclass(frozen=True)
 class Plan:
     """``headline`` is the shape the issue's targets are stated at; ``sweeps`` maps an axis ("N", "V", "D")
     to the fixed sizes of the forward+backward log-prob cases plotted along it, run with ``sweep_impls``;
     ``skip`` maps (family, mode) of a headline case to implementations left out (and reported so);
+    ``paired`` maps (family, mode) of a headline case to (selpo's implementation, the implementations its
+    targets compare it with), each timed again alternating with it for ``paired_rounds`` rounds;
     ``selpo`` is the backend whose numbers answer the targets on this device."""
 
     name: str
@@ -45,13 +57,17 @@ class Plan:
     sweep_rounds: int
     warmup: int
     seg_len: int
+    paired: dict
+    paired_rounds: int
 
     def cases(self) -> list[Case]:
         base = Case(family="", mode="", dtype=self.dtype, device=self.device, rounds=self.rounds,
                     warmup=self.warmup, seg_len=self.seg_len, **self.headline)
         headline = [(family_logprobs.NAME, mode) for mode in family_logprobs.MODES]
         headline += [(family_loss.NAME, "fwd+bwd"), (family_scores.NAME, "select")]
-        cases = [replace(base, family=f, mode=m, skip=self.skip.get((f, m), ())) for f, m in headline]
+        cases = [replace(base, family=f, mode=m, skip=self.skip.get((f, m), ()), paired_rounds=self.paired_rounds,
+                         **dict(zip(("paired_impl", "paired"), self.paired.get((f, m), ("", ())))))
+                 for f, m in headline]
         sweep = replace(base, family=family_logprobs.NAME, mode="fwd+bwd", rounds=self.sweep_rounds,
                         impls=self.sweep_impls)
         seen = {(c.family, c.mode, c.n, c.d, c.v) for c in cases}
@@ -71,24 +87,28 @@ PLANS = {
         sweeps={"N": dict(d=576, v=49152), "V": dict(n=512, d=576), "D": dict(n=1024, v=49152)},
         sweep_values={"N": (1024, 2048, 4096, 8192), "V": (32768, 49152, 131072, 151936, 262144),
                       "D": (576, 2048, 4096)},
-        selpo="torch", sweep_impls=CPU_SWEEP_IMPLS, skip={}, rounds=3, sweep_rounds=1, warmup=0, seg_len=128),
+        selpo="torch", sweep_impls=CPU_SWEEP_IMPLS, skip={}, rounds=3, sweep_rounds=1, warmup=0, seg_len=128,
+        paired=CPU_PAIRED, paired_rounds=8),
     ("quick", "cpu"): Plan(
         name="quick", device="cpu", dtype="float32", headline=dict(n=512, d=64, v=4096),
         sweeps={"N": dict(d=64, v=4096), "V": dict(n=512, d=64)},
         sweep_values={"N": (256, 512), "V": (2048, 4096)},
         selpo="torch", sweep_impls=CPU_SWEEP_IMPLS, skip=QUICK_SKIP, rounds=2, sweep_rounds=1,
-        warmup=0, seg_len=64),
+        warmup=0, seg_len=64, paired={("linear_logprobs", "fwd+bwd"): ("selpo-torch", ("naive",))},
+        paired_rounds=2),
     ("full", "cuda"): Plan(
         name="full", device="cuda", dtype="bfloat16", headline=dict(n=16384, d=4096, v=128256),
         sweeps={"N": dict(d=4096, v=128256), "V": dict(n=16384, d=4096), "D": dict(n=16384, v=128256)},
         sweep_values={"N": (1024, 2048, 4096, 8192, 16384, 32768), "V": (32768, 49152, 128256, 151936, 262144),
                       "D": (576, 2048, 4096)},
-        selpo="triton", sweep_impls=SWEEP_IMPLS, skip={}, rounds=10, sweep_rounds=5, warmup=2, seg_len=128),
+        selpo="triton", sweep_impls=SWEEP_IMPLS, skip={}, rounds=10, sweep_rounds=5, warmup=2, seg_len=128,
+        paired=CUDA_PAIRED, paired_rounds=10),
     ("quick", "cuda"): Plan(
         name="quick", device="cuda", dtype="bfloat16", headline=dict(n=2048, d=1024, v=32768),
         sweeps={"N": dict(d=1024, v=32768), "V": dict(n=2048, d=1024)},
         sweep_values={"N": (1024, 2048, 4096), "V": (16384, 32768, 65536)},
-        selpo="triton", sweep_impls=SWEEP_IMPLS, skip={}, rounds=3, sweep_rounds=2, warmup=1, seg_len=128),
+        selpo="triton", sweep_impls=SWEEP_IMPLS, skip={}, rounds=3, sweep_rounds=2, warmup=1, seg_len=128,
+        paired=CUDA_PAIRED, paired_rounds=3),
 }
 
 

@@ -18,7 +18,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -39,7 +39,9 @@ class Unavailable(Exception):
 class Case:
     """One computation at one shape, dtype and device, timed ``rounds`` times after ``warmup`` rounds
     (the correctness run before them is a warmup too). ``impls`` restricts the family's implementations (a
-    sweep point runs a few); those in ``skip`` are reported as left out of the plan, to keep it short."""
+    sweep point runs a few); those in ``skip`` are reported as left out of the plan, to keep it short.
+    ``paired_impl`` is selpo's implementation that answers the case's targets: in its test, each one in
+    ``paired`` is timed again, alternating with it, ``paired_rounds`` rounds each (their ratios are the targets')."""
 
     family: str
     mode: str
@@ -54,6 +56,9 @@ class Case:
     ratio: float = 0.3
     impls: tuple = ()
     skip: tuple = ()
+    paired_impl: str = ""
+    paired: tuple = ()
+    paired_rounds: int = 0
 
     @property
     def id(self) -> str:
@@ -69,7 +74,8 @@ class Case:
     @classmethod
     def from_json(cls, text: str) -> "Case":
         fields = json.loads(text)
-        fields["impls"], fields["skip"] = tuple(fields["impls"]), tuple(fields["skip"])
+        for name in ("impls", "skip", "paired"):
+            fields[name] = tuple(fields[name])
         return cls(**fields)
 
 
@@ -265,6 +271,9 @@ class Record:
     workspace_bytes: int | None = None
     memory_note: str = ""
     wall_s: float | None = None
+    # For selpo's implementations: {other impl: {"median_s": ours, "other_median_s": theirs, "rounds": n}},
+    # timed in alternation (Case.paired), or {other impl: {"reason": why not}}.
+    paired: dict = field(default_factory=dict)
 
     def append_to(self, path: str) -> None:
         with open(path, "a") as f:

@@ -1,6 +1,7 @@
 """The benchmark harness, end to end at toy size: the suite's smallest cases through ``python -m benchmarks.run``
-(pytest-benchmark timing, memory probes in subprocesses, the float64 check, RESULTS.md and a plot), and the
-check's flagging of wrong outputs. The full suite is not part of the test run (see benchmarks/README.md)."""
+(pytest-benchmark timing, memory probes in subprocesses, the float64 check, a target's pair timed in alternation,
+RESULTS.md and a plot), and the check's flagging of wrong outputs. The full suite is not part of the test run
+(see benchmarks/README.md)."""
 
 import json
 import os
@@ -40,6 +41,11 @@ def test_records_hold_checked_timed_and_measured_runs(quick_run):
     assert records[(CASE, "floor")]["median_s"] > 0 and records[(CASE, "floor")]["correct"] is None
     liger = records[(CASE, "liger-flce")]
     assert liger["status"] == "n/a" and "CUDA" in liger["reason"] and liger["median_s"] is None
+    # The target's pair, timed again in alternation in selpo's test; none in the other tests.
+    paired = records[(CASE, "selpo-torch")]["paired"]
+    assert list(paired) == ["naive"] and paired["naive"]["rounds"] == 2
+    assert paired["naive"]["median_s"] > 0 and paired["naive"]["other_median_s"] > 0
+    assert not records[(CASE, "naive")]["paired"] and not records[(SWEEP_POINT, "selpo-torch")]["paired"]
 
 
 def test_report_and_plot_are_written(quick_run):
@@ -50,6 +56,8 @@ def test_report_and_plot_are_written(quick_run):
     assert "| naive eager: logits, log_softmax, gather (`naive`) | yes (" in text
     assert "(`liger-flce`) | n/a: Liger's fused linear cross-entropy is a Triton kernel" in text
     assert "![sweep-V-cpu.png](sweep-V-cpu.png)" in text
+    target = next(line for line in text.splitlines() if "forward+backward, selpo-torch: time ≤ 1.0× naive" in line)
+    assert "(alternating rounds; the two tests one after the other: " in target
     assert (out / "sweep-V-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
