@@ -31,7 +31,7 @@ CPU_PAIRED = {("linear_logprobs", "fwd+bwd"): ("selpo-torch", ("naive",)),
               ("selective_loss", "fwd+bwd"): ("selpo-fused-torch", ("naive", "floor", "cce-compile-sel"))}
 CUDA_PAIRED = {("linear_logprobs", "fwd"): ("selpo-triton", ("floor", "liger-flce", "cce")),
                ("linear_logprobs", "fwd+bwd"): ("selpo-triton", ("naive", "floor", "liger-flce")),
-               ("selective_loss", "fwd+bwd"): ("selpo-fused-triton", ("naive", "floor", "cce-sel", "cce-compile-sel")),
+               ("selective_loss", "fwd+bwd"): ("selpo-fused-triton", ("naive", "floor", "cce-sel")),
                ("token_scores_topk", "select"): ("selpo-triton", ("floor",))}
 
 
