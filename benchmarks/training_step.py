@@ -62,7 +62,7 @@ SEPO_VARIANTS = ("fused", "full-logits")
 @dataclass(frozen=True)
 class Size:
     """The model and the batch: ``pairs`` pairs of ``prompt_len`` prompt and ``response_len`` response tokens
-    (the end-of-sequence token included); ``rounds`` timed steps, whose median is reported."""
+    (the end-of-sequence token included); ``rounds`` timed steps per measuring process."""
 
     model: str = "default"
     pairs: int = 8
@@ -277,21 +277,29 @@ def measure_in_subprocess(job: dict, env: dict) -> dict:
 
 def run_all(todo: list[dict]) -> list[dict]:
     """Each job in fresh processes. On CUDA one process gives both times and peaks. On CPU the times come
-    from a process with the allocator as users run it, and the peaks from another whose large allocations are
-    all mmap'ed (glibc's MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set and its high-water
-    mark is the step's own; timed that way, a step pays a page fault for every page of every large tensor it
-    allocates (selpo's DPO step here: 23.6 s instead of 13.7 s)."""
+    from processes with the allocator as users run it, two per job, in the order A B, B A within each (part,
+    activations) group, so that a drift of the machine's speed during the run (several percent from one
+    quarter hour to the next on the 2-core host) does not bias the ratios; the median is over both processes'
+    steps. The peaks come from another process whose large allocations are all mmap'ed (glibc's
+    MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set and its high-water mark is the step's
+    own; timed that way, a step pays a page fault for every page of every large tensor it allocates (selpo's
+    DPO step here: 23.6 s instead of 13.7 s)."""
     plain = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     plain.pop("TRITON_INTERPRET", None)
+    if todo and todo[0]["device"] == "cuda":
+        return [{**job, **measure_in_subprocess(job, plain)} for job in todo]
     mapped = dict(plain, MALLOC_MMAP_THRESHOLD_="65536")
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(todo):
+        groups.setdefault((job["part"], job["checkpointing"]), []).append(i)
+    steps: dict[int, list[float]] = {i: [] for i in range(len(todo))}
+    for group in groups.values():
+        for i in group + group[::-1]:
+            steps[i] += measure_in_subprocess(todo[i], plain)["times_s"]
     results = []
-    for job in todo:
-        if job["device"] == "cuda":
-            results.append({**job, **measure_in_subprocess(job, plain)})
-            continue
-        times = measure_in_subprocess(job, plain)
+    for i, job in enumerate(todo):
         peaks = measure_in_subprocess({**job, "size": {**job["size"], "rounds": 1}}, mapped)
-        results.append({**job, **{k: v for k, v in times.items() if not k.endswith("bytes")},
+        results.append({**job, "median_s": statistics.median(steps[i]), "times_s": steps[i],
                         **{k: v for k, v in peaks.items() if k.endswith("bytes")}})
     return results
 
@@ -353,10 +361,10 @@ def write_report(results: list[dict], device: str, size: Size, command: str, pat
              f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
              f"- command: {command}",
              f"- step: {size.pairs} pairs, {size.prompt_len} prompt + {size.response_len} response tokens each; "
-             f"median of {size.rounds} step(s), each variant in a fresh process"
-             + ("; on CPU, times and peaks from two processes (times with the allocator as users run it; peaks "
-                "with every large allocation mmap'ed, so that the resident set follows the live tensors)"
-                if device == "cpu" else "")]
+             + (f"median of {2 * size.rounds} steps from two fresh processes per variant, run in the order A B, "
+                "B A within each activations setting (times with the allocator as users run it); peaks from a "
+                "third process with every large allocation mmap'ed, so that the resident set follows the live "
+                "tensors" if device == "cpu" else f"median of {size.rounds} step(s), each variant in a fresh process")]
     for part, table in (("sepo", sepo_table), ("dpo", lambda rs: dpo_table(rs, device))):
         chosen = [r for r in results if r["part"] == part]
         if chosen:
