@@ -13,8 +13,8 @@
 # (multiplying each part's limit) exist for the dry run on CPU with the tiny test model (GPU-NOTES.md).
 #
 # Expected wall times on one H200 are PREDICTIONS, none measured on a GPU yet. Their basis:
-# - one SePO step of 8 pairs x 256 tokens took 10.8-16.4 s on 2 CPU cores in float32 (RESULTS-step.md and its reruns), about 3.3 TFLOP
-#   (6 x 135M parameters x 4,096 tokens), so 0.20-0.31 TFLOP/s. At 10% of the H200's measured 790 TFLOP/s in bf16 (a
+# - one SePO step of 8 pairs x 256 tokens took 10.2-16.4 s on 2 CPU cores in float32 (RESULTS-step.md and its reruns), about 3.3 TFLOP
+#   (6 x 135M parameters x 4,096 tokens), so 0.20-0.32 TFLOP/s. At 10% of the H200's measured 790 TFLOP/s in bf16 (a
 #   576-wide model is far from the matmul peak) those FLOPs take 42 ms; kernel launches and the trainer's host
 #   work add about as much: prediction 0.1 s per optimizer step.
 # - the rest is fixed cost the CPU timings cannot scale: Python start and imports (about 15 s per process), model
