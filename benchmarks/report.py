@@ -90,13 +90,13 @@ def targets(records, plan: Plan):
         r = find(records, family, mode, impl, **{**shape, **where})
         return None if r is None else r[key]
 
-    def add(text, value, detail="", limit=None, higher_is_better=False):
+    def add(text, value, detail="", limit=None):
         if value is None:
             verdict = "n/a (not measured)"
         elif limit is None:
             verdict = "information"
         else:
-            verdict = "met" if (value >= limit if higher_is_better else value <= limit) else "**not met**"
+            verdict = "met" if value <= limit else "**not met**"
         out.append((text, "—" if value is None else f"{value:.3g}×{detail}", verdict))
 
     def vs(family, mode, impl, other):

@@ -131,6 +131,33 @@ def test_dpo_step_against_trl_runs_at_toy_size(tmp_path):
             assert r[3] == r[5] == "1.00×"
 
 
+def test_step_times_come_from_two_processes_per_variant_in_alternation(benchmarks_pkg, monkeypatch):
+    """training_step.run_all on CPU: within each (part, activations) group the variants' timing processes run
+    A B then B A, each variant's median is over both processes' steps, and its peaks come from one mapped run."""
+    from benchmarks import training_step
+
+    calls = []
+
+    def fake(job, env):
+        mapped = "MALLOC_MMAP_THRESHOLD_" in env
+        calls.append((job["variant"], job["checkpointing"], mapped))
+        if mapped:
+            return {"median_s": -1.0, "times_s": [-1.0], "peak_bytes": 7, "peak_extra_bytes": 3}
+        base = {"selpo": 1.0, "trl": 10.0}[job["variant"]]
+        return {"times_s": [base + sum(1 for c in calls if c[0] == job["variant"] and not c[2])]}
+
+    monkeypatch.setattr(training_step, "measure_in_subprocess", fake)
+    size = training_step.Size(rounds=1)
+    results = training_step.run_all(training_step.jobs(["dpo"], "cpu", size))
+    timing = [(v, ckpt) for v, ckpt, mapped in calls if not mapped]
+    assert timing == [("selpo", False), ("trl", False), ("trl", False), ("selpo", False),
+                      ("selpo", True), ("trl", True), ("trl", True), ("selpo", True)]
+    selpo = results[0]
+    assert selpo["variant"] == "selpo" and selpo["times_s"] == [2.0, 3.0] and selpo["median_s"] == 2.5
+    assert selpo["peak_bytes"] == 7 and selpo["peak_extra_bytes"] == 3
+    assert sum(mapped for _, _, mapped in calls) == len(results) == 4
+
+
 def _write_metrics(folder, losses):
     folder.mkdir(parents=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
