@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -67,17 +68,70 @@ def save(accelerator: Accelerator, root: str | Path, step: int, meta: dict, obje
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and how to restart."""
+
+    def __init__(self, path: Path, why: str):
+        stage = path.parent.parent if path.parent.name.startswith("step-") else path.parent
+        super().__init__(f"checkpoint {path} cannot be read ({why}); to restart this training from its first step, "
+                         f"run its stage with --fresh, or delete {stage}")
+
+
 def latest(root: str | Path) -> tuple[Path, dict] | None:
     """(folder, trainer state) of the newest complete checkpoint under ``root``, or None."""
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
-    folder = Path(root) / json.loads(pointer.read_text())["checkpoint"]
-    return folder, json.loads((folder / STATE).read_text())
+    folder = Path(root) / _read_json(pointer).get("checkpoint", "")
+    return folder, _read_json(folder / STATE)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(path, f"{type(e).__name__}: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, "not a JSON object")
+    return value
 
 
 def load(accelerator: Accelerator, folder: str | Path, objects: dict) -> None:
-    """Restores the model, optimizer, RNG states and ``objects`` saved by ``save``."""
-    accelerator.load_state(str(folder))
-    for key, obj in objects.items():
-        obj.load_state_dict(torch.load(Path(folder) / f"{key}.pt", weights_only=True))
+    """Restores the model, optimizer, RNG states and ``objects`` saved by ``save``; a missing or damaged
+    file is a ``CheckpointError`` naming it."""
+    folder = Path(folder)
+    try:
+        accelerator.load_state(str(folder))
+        for key, obj in objects.items():
+            obj.load_state_dict(torch.load(folder / f"{key}.pt", weights_only=True))
+    except Exception as e:
+        missing = getattr(e, "filename", None)
+        path = Path(missing) if missing else _damaged_file(folder) or folder
+        raise CheckpointError(path, "missing" if missing else f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _damaged_file(folder: Path) -> Path | None:
+    """The first file of a checkpoint that is not a complete torch archive or safetensors file, if any."""
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pt", ".pkl") and not zipfile.is_zipfile(path):
+            return path
+        if path.suffix == ".safetensors" and not _complete_safetensors(path):
+            return path
+    return None
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """Whether the file holds the header its first 8 bytes announce and the data the header describes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        size = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size >= 8 + size + end

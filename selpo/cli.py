@@ -1,8 +1,10 @@
 """The ``selpo`` command: one subcommand per pipeline stage, ``run`` for all of them, ``config`` to inspect.
 
-Every subcommand works on one run folder (``--run-dir``, default ``runs/default``) and one configuration:
-the defaults, replaced by ``run_dir/config.toml`` when the folder already has one (so later commands see
-the run's settings), or by ``--config FILE``; then ``--set section.key=value`` overrides. Multi-GPU or
+Every subcommand works on one run folder (``--run-dir``, else the ``run_dir`` of ``--config FILE``, else
+``runs/default``) and one configuration: the defaults, replaced by the ``config.toml`` selpo saved in the run
+folder when it has one (so later commands see the run's settings), or by ``--config FILE``; then ``--set
+section.key=value`` overrides. The run folder is never taken from a run folder's own ``config.toml``, and a
+``module:function`` reward read from there is imported only when ``--set`` names the same one. Multi-GPU or
 multi-machine: ``accelerate launch -m selpo.cli run ...``.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from . import config as config_module
 from . import progress
+from .run_folder import RunFolder
 from .stages import Context, StageError, clear_stage, run_all, run_stage, stages
 
 CONFIG_HELP = ("TOML file with run-wide keys at the top and [data], [oracle], [guidance], [score], [train], [eval], "
@@ -110,12 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> config_module.RunConfig:
-    """Defaults < run_dir/config.toml (if present and no --config) or --config < --set (and --run-dir)."""
-    overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    config = config_module.load(args.config, overrides)
-    saved = Path(config.run_dir) / "config.toml"
-    if args.config is None and saved.is_file():
-        config = config_module.load(saved, overrides)
+    """Defaults < the run folder's saved config.toml (if selpo wrote one and no --config) or --config < --set.
+
+    The run folder is --run-dir, else the run_dir of --config, else the default; never the run_dir a saved
+    config.toml holds. A ``module:function`` reward (code that importing runs) taken from a saved config.toml
+    must be confirmed by --set: a run folder alone never chooses code to run.
+    """
+    from .rewards import runs_code  # here: it brings torch, which `selpo --help` does without
+
+    named = config_module.load(args.config, list(args.set))
+    run_dir = named.run_dir if args.run_dir is None else args.run_dir
+    folder = RunFolder(run_dir)
+    if args.config is not None:
+        folder.check_input("--config", args.config)
+    overrides = list(args.set) + [f"run_dir={run_dir}"]
+    saved = folder.own_file("config.toml")
+    if args.config is not None or saved is None:
+        return config_module.apply_overrides(named, [f"run_dir={run_dir}"])
+    config = config_module.load(saved, overrides)
+    spec = config.eval.reward
+    if runs_code(spec) and spec != named.eval.reward:
+        raise ValueError(f"eval.reward: {saved} sets {spec!r}, a function selpo would import, which runs that "
+                         "module's code; settings read from a run folder never choose code to run by themselves. "
+                         f"Confirm it with --set eval.reward={spec} (or name it in a --config file)")
     return config
 
 
@@ -127,14 +147,15 @@ def _generate(config, args) -> None:
     print(f"wrote {args.generate}/train.jsonl and test.jsonl: {meta['train_pairs']} + {meta['test_pairs']} pairs")
 
 
-def _print_results(records: dict) -> None:
-    """The results table after eval, the report's path after report."""
+def _print_results(ctx: Context, records: dict) -> None:
+    """The results table after eval, the report's path (in this run folder, wherever it was first written)
+    after report."""
     if "eval" in records:
         from .stages.report import summary_text
 
         print("\n" + summary_text(records["eval"]["summary"]))
     if "report" in records:
-        print(f"\nreport: {records['report']['summary']['report']}")
+        print(f"\nreport: {ctx.run_dir / 'report.html'}")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -155,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     progress.QUIET = getattr(args, "quiet", False)
     try:
         return _main(args)
-    except (ValueError, FileNotFoundError, StageError) as e:
-        print(f"selpo: error: {e}", file=sys.stderr)
-        return 1
     except BrokenPipeError:
         # The reader of stdout left (`selpo config --keys | head`): nothing more to say, and nowhere to say it.
         # Python's own flush at exit would fail again, so stdout now points at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (ValueError, OSError, StageError) as e:  # OSError: a file that cannot be read or written, named
+        print(f"selpo: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -183,6 +204,7 @@ def _main(args: argparse.Namespace) -> int:
     from .trainer import make_accelerator
 
     ctx = Context(config, make_accelerator(config))
+    ctx.print(f"run folder: {ctx.run_dir}")
     if args.command == "run":
         records = run_all(ctx)
     else:
@@ -190,7 +212,7 @@ def _main(args: argparse.Namespace) -> int:
             clear_stage(ctx, args.command)
         records = {args.command: run_stage(ctx, args.command)}
     if ctx.accelerator.is_main_process:
-        _print_results(records)
+        _print_results(ctx, records)
     return 0
 
 

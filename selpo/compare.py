@@ -200,7 +200,7 @@ def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | 
             link_shared(config, out)
         accelerator.wait_for_everyone()
         accelerator.print(f"==== {method_registry.get(method).title}, {grid[method][0]}={value:g}: {config.run_dir}")
-        records = run_all(Context(config, accelerator))
+        records = run_all(Context(config, accelerator, shared_root=out / "shared"))
         rows.append(summarize(method, value, config, records))
     meta = (f"{len(runs)} runs on the same {base.data.train!r} training pairs "
             f"(max_train_pairs={base.data.max_train_pairs}), {base.train.epochs} epoch(s) of batch "

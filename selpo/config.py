@@ -189,8 +189,9 @@ class ScoreConfig:
     batch_size: int = option(16, "Pairs per forward pass of the scoring models.")
     rule: str = option("paper", "Which tokens may be selected: paper (every response token; k = max(1, "
                        "floor(ratio * n)) of n) or released (the authors' code: the first response token is never "
-                       "selectable, k = max(1, floor(ratio * (n - 1))), where their code gives k = 0 and a NaN loss "
-                       "when ratio * (n - 1) < 1; a one-token response keeps its token; and a response that "
+                       "selectable, k = max(1, int(ratio * (n - 1))): their float arithmetic, one less than the "
+                       "exact floor for a few (ratio, n), e.g. 28 for ratio 0.58 and n = 51, and at least 1 where "
+                       "their code gives 0 and a NaN loss; a one-token response keeps its token; and a response that "
                        "data.max_length cut has its last token replaced by EOS, scored and trained as EOS). Under "
                        "paper a cut response simply ends where it was cut, with no EOS.")
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .atomic import write_text_atomic
+from .run_folder import RunFolder
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -47,10 +49,17 @@ def row_pair(row: dict) -> TokenizedPair:
 @dataclass
 class Context:
     """The configuration, the accelerator (processes, device, precision: one per process, shared by every
-    stage and every training), and the run folder's files."""
+    stage and every training), and the run folder's files (``folder``: what selpo may write there).
+    ``shared_root``: the folder ``selpo compare`` keeps the stages its runs share in, which their stage
+    folders link to (None elsewhere: no stage folder may link out of the run folder)."""
 
     config: RunConfig
     accelerator: Accelerator
+    shared_root: Path | None = None
+
+    @cached_property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.config.run_dir, shared_root=self.shared_root)
 
     @property
     def run_dir(self) -> Path:

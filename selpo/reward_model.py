@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from .data import PairBatch, TokenizedPair, TokenizedRanking
 from .distributed import map_batches
 from .examples import Example, collate, split_packed
-from .models import attention_implementation, load_tokenizer, resolve_model_path
+from .models import LOAD_OPTIONS, attention_implementation, load_tokenizer, resolve_model_path
 
 HEADS = ("linear", "mlp")
 MLP_HIDDEN = 2048
@@ -43,8 +43,8 @@ def load_reward_model(path: str, *, device: str | torch.device = "cpu", head: st
     config = AutoConfig.from_pretrained(folder, num_labels=1, classifier_dropout=0.0, local_files_only=True)
     saved_head = getattr(config, "selpo_head", None)
     model = AutoModelForTokenClassification.from_pretrained(
-        folder, config=config, dtype=torch.float32, local_files_only=True,
-        attn_implementation=attention_implementation(device))
+        folder, config=config, dtype=torch.float32, attn_implementation=attention_implementation(device),
+        **LOAD_OPTIONS)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.selpo_head = saved_head or head
     if model.config.selpo_head == "mlp":

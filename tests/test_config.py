@@ -151,12 +151,19 @@ def test_cli_config_keys_lists_every_key(capsys):
 
 
 def test_cli_uses_the_run_folders_saved_config(tmp_path, capsys):
+    from selpo.run_folder import RunFolder
+
     run_dir = tmp_path / "r"
-    run_dir.mkdir()
-    (run_dir / "config.toml").write_text(cfg.to_toml(cfg.load(None, ["seed=11", f"run_dir={run_dir}"])))
+    folder = RunFolder(run_dir)
+    folder.prepare()
+    folder.write_own_file("config.toml", cfg.to_toml(cfg.load(None, ["seed=11", f"run_dir={run_dir}"])))
     assert cli.main(["config", "--run-dir", str(run_dir), "--set", "eval.prompts=3"]) == 0
     text = capsys.readouterr().out
     assert "seed = 11" in text and "prompts = 3" in text
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.toml").write_text("seed = 12\n")  # not selpo's: never read as the run's settings
+    assert cli.main(["config", "--run-dir", str(tmp_path / "mine")]) == 1
+    assert "config.toml was not written by selpo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, keys", [("data", ["data.max_length", "model ="]),

@@ -76,7 +76,7 @@ def test_loading_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="d.csv' has an unsupported suffix"):
         load_preference_dataset(tmp_path / "d.csv")
     (tmp_path / "bad.jsonl").write_text(json.dumps(ROWS[0]) + '\n{"prompt": "a", oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl: cannot be read as .jsonl preference data: .*row 1"):
+    with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON .*each line must hold one row"):
         load_preference_dataset(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="split applies only to a saved DatasetDict"):
         load_preference_dataset(write_jsonl(tmp_path / "d.jsonl", ROWS), split="train")
@@ -156,7 +156,8 @@ def test_truncation_rule(plain_tok):
     too_long = [i for i in range(3) if len(full[i].prompt_ids) == limit]
     assert 0 < len(too_long) < 3
     kept, report = tokenize_pairs(ds, plain_tok, max_length=limit)
-    assert report.dropped == {"too_long": len(too_long)} and report.dropped_rows == {"too_long": too_long}
+    assert report.dropped == {"too_long": len(too_long)}
+    assert report.dropped_rows == {"too_long": [f"row {i}" for i in too_long]}
     assert [p.row for p in kept] == [i for i in range(3) if i not in too_long]
 
 
@@ -177,21 +178,24 @@ def bad_rows_file(tmp_path):
     return write_jsonl(tmp_path / "bad.jsonl", rows)
 
 
-def test_bad_rows_are_counted_by_reason(tmp_path, chat_tok):
+def test_bad_rows_are_counted_by_reason_and_named_by_line(tmp_path, chat_tok):
     path = bad_rows_file(tmp_path)
     pairs, report = tokenize_pairs(load_preference_dataset(path), chat_tok, max_length=128, source=path)
-    assert [p.row for p in pairs] == [0, 6, 10]
+    assert [p.row for p in pairs] == [0, 6, 10]  # the dataset's indices, which the later stages keep
     assert report.dropped == {"missing": 2, "bad_type": 4, "empty_response": 2}
-    assert report.dropped_rows == {"missing": [1, 2], "bad_type": [3, 7, 8, 9], "empty_response": [4, 5]}
+    # Row i is the file's line i + 1.
+    assert report.dropped_rows == {"missing": ["line 2", "line 3"], "empty_response": ["line 5", "line 6"],
+                                   "bad_type": ["line 4", "line 8", "line 9", "line 10"]}
     assert (report.rows, report.kept) == (11, 3)
     assert report.to_dict()["dropped"] == report.dropped
     summary = report.summary()
-    assert "11 rows, 3 kept" in summary and "bad_type 4 (rows 3, 7, 8, 9)" in summary and path in summary
+    assert "11 rows, 3 kept" in summary and "bad_type 4 (line 4, line 8, line 9, line 10)" in summary
+    assert path in summary
 
 
-def test_strict_raises_naming_the_file_and_row(tmp_path, chat_tok):
+def test_strict_raises_naming_the_file_and_line(tmp_path, chat_tok):
     path = bad_rows_file(tmp_path)
-    with pytest.raises(ValueError, match=r"bad.jsonl row 1: chosen is missing \(null\) \(missing; strict=True\)"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: chosen is missing \(null\) \(missing; strict=True\)"):
         tokenize_pairs(load_preference_dataset(path), chat_tok, max_length=128, source=path, strict=True)
     ds = datasets.Dataset.from_list([ROWS[0], {"prompt": "a", "chosen": "b", "rejected": " "}])
     with pytest.raises(ValueError, match="src row 1: rejected is empty"):

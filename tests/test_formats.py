@@ -86,7 +86,7 @@ def test_a_row_without_shared_prompt_is_counted_or_raises_naming_file_and_row(to
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     pairs, report = tokenize_pairs(load_preference_dataset(path), tok, max_length=64, source=str(path))
     assert [p.row for p in pairs] == [0] and report.dropped == {"no_shared_prompt": 1}
-    with pytest.raises(ValueError, match=r"hh.jsonl row 1: .*share no prompt.*no_shared_prompt; strict=True"):
+    with pytest.raises(ValueError, match=r"hh.jsonl line 2: .*share no prompt.*no_shared_prompt; strict=True"):
         tokenize_pairs(load_preference_dataset(path), tok, max_length=64, source=str(path), strict=True)
     _, report = tokenize_pairs(datasets.Dataset.from_list([rows[0], {"chosen": HH, "rejected": None}]), tok,
                                max_length=64)
@@ -117,11 +117,16 @@ def test_unpaired_rows_pair_per_prompt_in_order():
                       "u.jsonl")
 
 
-def test_a_bad_pair_of_unpaired_rows_names_its_source_rows(tok):
-    rows = [{"prompt": "p", "completion": "good", "label": True}, {"prompt": "p", "completion": " ", "label": False}]
-    paired, _ = pair_unpaired(datasets.Dataset.from_list(rows), "u.jsonl")
-    with pytest.raises(ValueError, match=r"u.jsonl pair 0 \(rows 0 and 1\): rejected is empty"):
-        tokenize_pairs(paired, tok, max_length=64, source="u.jsonl", strict=True)
+def test_a_bad_pair_of_unpaired_rows_names_its_source_lines(tok, tmp_path):
+    rows = [{"prompt": "p", "completion": "good", "label": True}, {"prompt": "q", "completion": "x", "label": True},
+            {"prompt": "p", "completion": " ", "label": False}]
+    path = tmp_path / "u.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paired, _ = pair_unpaired(load_preference_dataset(path), str(path))
+    with pytest.raises(ValueError, match=r"u.jsonl pair 0 \(line 1 and line 3\): rejected is empty"):
+        tokenize_pairs(paired, tok, max_length=64, source=str(path), strict=True)
+    with pytest.raises(ValueError, match=r"no usable row; .*empty_response 1 \(pair 0 \(line 1 and line 3\)\)"):
+        tokenize_pairs(paired, tok, max_length=64, source=str(path))
 
 
 def test_conversational_unpaired_rows_tokenize_like_their_explicit_form(tok):
@@ -148,7 +153,7 @@ def test_unpaired_rows_without_a_column_name_file_row_and_column(tmp_path, rows,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dataset = load_preference_dataset(path)
     assert is_unpaired(dataset.column_names)
-    with pytest.raises(ValueError, match=rf"u.jsonl row 0 \(and every row\): missing column\(s\) {missing}; .*"
+    with pytest.raises(ValueError, match=rf"u.jsonl line 1 \(and every row\): missing column\(s\) {missing}; .*"
                                          r"no implicit-prompt form"):
         pair_unpaired(dataset, str(path))
 
@@ -157,7 +162,7 @@ def test_an_unpaired_row_without_its_prompt_names_the_row(tmp_path):
     path = tmp_path / "u.jsonl"
     rows = [{"prompt": "p", "completion": "good", "label": True}, {"completion": "bad", "label": False}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"u.jsonl row 1: missing 'prompt'"):
+    with pytest.raises(ValueError, match=r"u.jsonl line 2: missing 'prompt'"):
         pair_unpaired(load_preference_dataset(path), str(path))
     assert not is_unpaired(["prompt", "chosen", "rejected", "label"]) and not is_unpaired(["chosen", "rejected"])
 

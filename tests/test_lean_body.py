@@ -188,3 +188,14 @@ def test_every_architecture_keeps_its_log_probs_and_gradients(arch):
     assert float((got - expected).detach().abs().max()) <= LOGP_TOL
     scale = max(float(g.abs().max()) for g in expected_grads)
     assert max(float((a - b).abs().max()) for a, b in zip(got_grads, expected_grads)) <= GRAD_RTOL * scale
+
+
+def test_a_loaded_models_lean_forwards_survive_train_and_eval(tiny_llama):
+    """transformers 5 with its `kernels` package re-kernelizes a model on every train()/eval(), resetting the
+    forwards of the layers that have a hub kernel; selpo loads models with use_kernels=False (models.LOAD_OPTIONS)."""
+    model = tiny_llama
+    with lean_body(model) as names:
+        model.eval()
+        model.train()
+        assert names and all("forward" in model.get_submodule(name).__dict__ for name in names)
+    assert not getattr(model, "use_kernels", False)

@@ -168,10 +168,10 @@ def test_bad_rows_are_counted_or_raise_naming_file_and_row(tiny, tmp_path):
     assert code == 0, err
     report = json.loads((tmp_path / "r" / "data" / "report.json").read_text())
     assert report["train"]["dropped"] == {"empty_response": 1} and report["train"]["kept"] == 5
-    assert "1 dropped: empty_response 1 (rows 2)" in out
+    assert "1 dropped: empty_response 1 (line 3)" in out
     code, _, err = _selpo("data", "--run-dir", tmp_path / "s", *settings, "--set", f"data.train={bad}",
                           "--set", "data.strict=true")
-    assert code == 1 and f"{bad} row 2" in err
+    assert code == 1 and f"{bad} line 3" in err
 
 
 def test_an_empty_data_file_is_named_in_selpos_own_error(tiny, tmp_path):

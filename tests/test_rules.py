@@ -45,7 +45,7 @@ def test_sepo_paper_rule_selects_among_every_token():
 
 
 def test_sepo_released_rule_never_selects_the_first_token():
-    # Candidates are tokens 1.. of each response: k = floor(0.5 * 4) = 2 of chosen (5, 3), floor(0.5 * 3) = 1
+    # Candidates are tokens 1.. of each response: k = int(0.5 * 4) = 2 of chosen (5, 3), int(0.5 * 3) = 1
     # of rejected (-1).
     assert released_candidates(PAIR, 9).tolist() == [False] + [True] * 4 + [False] + [True] * 3
     assert picked(select(SCORES, PAIR, 0.5, 0.5, backend="torch", rule="released"), PAIR) == [[2, 3], [2]]
@@ -67,8 +67,9 @@ def test_released_rule_puts_eos_back_on_cut_responses():
 
 
 def test_sepo_released_rule_through_selpo_run(tmp_path):
-    """`selpo run` with score.rule=released: every response's first token unselected, k = max(1, floor(ratio
-    (n - 1))) of the best (chosen) or worst (rejected) other tokens, and cut responses ending in EOS."""
+    """`selpo run` with score.rule=released: every response's first token unselected, k = max(1, int(ratio
+    * (n - 1))) (the released float arithmetic) of the best (chosen) or worst (rejected) other tokens, and cut
+    responses ending in EOS."""
     settings = tiny_settings(tiny_model_dir(tmp_path), write_pairs(tmp_path / "train.jsonl", 10),
                              write_pairs(tmp_path / "test.jsonl", 3, seed=1),
                              **{"data.max_length": 40, "eval.reward": "none"})  # 22 prompt tokens: some cut
@@ -83,7 +84,7 @@ def test_sepo_released_rule_through_selpo_run(tmp_path):
             if len(mask) == 1:
                 assert mask == [1]
                 continue
-            assert mask[0] == 0 and sum(mask) == max(1, math.floor(ratio * (len(mask) - 1)))
+            assert mask[0] == 0 and sum(mask) == max(1, int(ratio * (len(mask) - 1)))
             kept = [sign * s for s, m in zip(scores[1:], mask[1:]) if m]
             dropped = [sign * s for s, m in zip(scores[1:], mask[1:]) if not m]
             assert min(kept) >= max(dropped, default=-math.inf)

@@ -21,12 +21,13 @@ LENGTHS = [[], [0, 0], [1], [2, 0, 1], [5, 64, 1, 0, 65, 130, 3, 17]]
 RATIOS = [Fraction(3, 10), Fraction(1, 3), Fraction(57, 100), Fraction(1)]
 
 
-def reference(scores, bounds, ratio, largest, valid):
-    """bool [N] by brute force in float64: token i is kept when fewer than k valid tokens of its segment beat it."""
+def reference(scores, bounds, ratio, largest, valid, counts=None):
+    """bool [N] by brute force in float64: token i is kept when fewer than k valid tokens of its segment beat it
+    (k from ``ratio``, or ``counts[segment]`` where given)."""
     s, ok, out = scores.double().tolist(), valid.tolist(), [False] * scores.shape[0]
     for seg, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         tokens = [i for i in range(start, end) if ok[i]]
-        k = max(1, math.floor(ratio * len(tokens))) if tokens else 0
+        k = counts[seg] if counts is not None else max(1, math.floor(ratio * len(tokens))) if tokens else 0
         for i in tokens:
             better = [j for j in tokens if (s[j] > s[i] if largest[seg] else s[j] < s[i]) or (s[j] == s[i] and j < i)]
             out[i] = len(better) < k
@@ -115,6 +116,42 @@ def test_counts_same_on_every_backend(backend):
     for ratio, want in [(0.57, [57, 5, 1]), (0.3, [30, 3, 1]), (1 / 3, [33, 3, 1])]:
         mask = topk_mask(torch.randn(113), cu_seqlens(lengths), ratio, backend=backend)
         assert [int(part.sum()) for part in mask.split(lengths)] == want, ratio
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_counts_select_that_many(backend):
+    """counts instead of ratio: segment s keeps exactly counts[s] of its valid tokens, from none to all of them."""
+    for c, lengths in enumerate(LENGTHS):
+        cu = cu_seqlens(lengths)
+        scores = make_scores(cu[-1].item(), torch.float32, "ties")
+        valid = make_valid(lengths)
+        bounds = cu.tolist()
+        n_valid = [int(valid[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        dtype = torch.int32 if c % 2 else torch.int64
+        counts = torch.tensor([int(torch.randint(0, m + 1, ())) for m in n_valid], dtype=dtype)
+        largest = torch.rand(len(lengths)) < 0.5
+        got = topk_mask(scores, cu, counts=counts, largest=largest, valid=valid, backend=backend)
+        assert [int(got[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])] == counts.tolist()
+        assert torch.equal(got, reference(scores, bounds, None, largest.tolist(), valid, counts=counts.tolist()))
+
+
+def test_bad_counts():
+    scores, cu = torch.randn(6), cu_seqlens([2, 4])
+    with pytest.raises(TypeError, match="exactly one of ratio and counts, got both"):
+        topk_mask(scores, cu, 0.5, counts=torch.tensor([1, 1]))
+    with pytest.raises(TypeError, match="exactly one of ratio and counts, got neither"):
+        topk_mask(scores, cu)
+    for counts in (torch.tensor([1.0, 1.0]), [1, 1]):
+        with pytest.raises(TypeError, match="counts must be an int32 or int64 tensor"):
+            topk_mask(scores, cu, counts=counts)
+    with pytest.raises(ValueError, match=r"counts must have shape \[S\] = \[2\]"):
+        topk_mask(scores, cu, counts=torch.tensor([1, 1, 1]))
+    valid = torch.tensor([True, False, True, True, True, True])
+    with pytest.raises(ValueError, match=r"counts\[0\] = 2 must lie in \[0, 1\], the number of valid tokens of "
+                                         "segment 0"):
+        topk_mask(scores, cu, counts=torch.tensor([2, 1]), valid=valid)
+    with pytest.raises(ValueError, match=r"counts\[1\] = -1 must lie in \[0, 4\]"):
+        topk_mask(scores, cu, counts=torch.tensor([1, -1]))
 
 
 @settings(max_examples=40, deadline=None)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .counts import select_counts, valid_per_segment
+from .counts import valid_per_segment
 
 
-def topk_mask(scores, cu_seqlens, ratio, largest, valid):
-    """bool [N]: the k best valid tokens of each segment; ``largest`` bool [S], ``valid`` bool [N]."""
+def topk_mask(scores, cu_seqlens, k, largest, valid):
+    """bool [N]: the ``k[s]`` best valid tokens of each segment s; ``k`` int64 [S], ``largest`` bool [S], ``valid``
+    bool [N]."""
     n, num_segments = scores.shape[0], largest.shape[0]
     device = scores.device
     segment = torch.repeat_interleave(torch.arange(num_segments, device=device), cu_seqlens.diff(),
@@ -31,7 +32,7 @@ def topk_mask(scores, cu_seqlens, ratio, largest, valid):
 
     n_valid = valid_per_segment(cu_seqlens, valid)
     zero = torch.zeros(1, dtype=torch.int64, device=device)
-    k = torch.cat([select_counts(ratio, n_valid), zero])  # the invalid bucket selects nothing
+    k = torch.cat([k, zero])  # the invalid bucket selects nothing
     group_start = torch.cat([zero, n_valid.cumsum(0)])
     rank = torch.arange(n, device=device) - group_start[bucket]
     mask = torch.empty(n, dtype=torch.bool, device=device)

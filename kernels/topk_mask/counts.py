@@ -1,6 +1,7 @@
 """How many tokens each segment selects: ``k = max(1, floor(ratio * n_valid))``, 0 for a segment without valid token.
 
-Defined once here and used by every backend, so all of them select the same number of tokens.
+Defined once here; ``topk_mask`` computes k with it once and passes k to every backend, so all of them select
+the same number of tokens (a caller whose rule counts otherwise passes its own ``counts`` instead).
 
 ``ratio * n`` is rounded in floating point: ``ratio`` is only the float nearest to the fraction p/q the
 caller meant (0.57 for 57/100, 1/3), and ``0.57 * 100`` evaluates to 56.99999999999999, whose floor

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .counts import select_counts, valid_per_segment
-
 # An int8 output holds 0 or 1 once written; this value marks an element no program wrote.
 UNWRITTEN = 2
 BLOCK_I = 64
@@ -47,18 +45,18 @@ def _topk_mask_kernel(scores_ptr, valid_ptr, cu_ptr, k_ptr, largest_ptr, out_ptr
     tl.store(out_ptr + i, selected.to(tl.int8), mask=in_segment)
 
 
-def topk_mask(scores, cu_seqlens, ratio, largest, valid):
-    """bool [N]: the k best valid tokens of each segment; ``largest`` bool [S], ``valid`` bool [N]."""
+def topk_mask(scores, cu_seqlens, k, largest, valid):
+    """bool [N]: the ``k[s]`` best valid tokens of each segment s; ``k`` int64 [S], ``largest`` bool [S], ``valid``
+    bool [N]."""
     n, num_segments = scores.shape[0], largest.shape[0]
     out = torch.full((n,), UNWRITTEN, dtype=torch.int8, device=scores.device)
     max_len = int(cu_seqlens.diff().max()) if num_segments else 0
     if max_len:
-        k = select_counts(ratio, valid_per_segment(cu_seqlens, valid)).to(torch.int32)
         # Half scores widen exactly to fp32, so every dtype is compared in its own values.
         compare = tl.float64 if scores.dtype == torch.float64 else tl.float32
         grid = (num_segments, triton.cdiv(max_len, BLOCK_I))
-        _topk_mask_kernel[grid](scores, valid.view(torch.uint8), cu_seqlens, k, largest.view(torch.uint8), out,
-                                COMPARE=compare, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J)
+        _topk_mask_kernel[grid](scores, valid.view(torch.uint8), cu_seqlens, k.to(torch.int32),
+                                largest.view(torch.uint8), out, COMPARE=compare, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J)
     if bool((out == UNWRITTEN).any()):
         raise RuntimeError("topk_mask: the Triton kernel left output elements unwritten")
     return out.bool()

@@ -15,14 +15,17 @@
   standard and the conversational form alike (its docs convert implicit-prompt pairs to unpaired rows only
   after ``extract_prompt``), so there is no prompt to extract: data with ``completion`` or ``label`` but
   without ``chosen``/``rejected`` must have all three columns, and the two pairing keys, prompt and label,
-  must be set in every row; otherwise an error names the file, the row and the column (a dialogue with a
-  label, ``messages`` + ``label``, is not a preference format). A bad completion is a bad row of its pair
-  (counted, see ``selpo.data.pairs``).
+  must be set in every row; otherwise an error names the file, the row (as the file numbers it: "line n" of
+  a JSON Lines file, see ``selpo.data.pairs``) and the column (a dialogue with a label, ``messages`` +
+  ``label``, is not a preference format). A bad completion is a bad row of its pair (counted, see
+  ``selpo.data.pairs``).
 """
 
 from __future__ import annotations
 
 import json
+
+from .load import row_names
 
 PROMPT_MARKERS = ("\n\nAssistant:",)
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
@@ -73,13 +76,16 @@ def is_unpaired(columns) -> bool:
 def pair_unpaired(dataset, source: str):
     """(a ``datasets.Dataset`` of prompt/chosen/rejected/source_rows pairs, rows left without a partner).
 
-    A missing column, a missing prompt or a ``label`` that is not a bool raises, naming the source and the row.
+    ``source_rows`` holds dataset indices. A missing column, a missing prompt or a ``label`` that is not a bool
+    raises, naming the source and the row as the file numbers it (``source``: the file the dataset was loaded
+    from, or any label).
     """
     import datasets
 
+    name = row_names(source)
     missing = [c for c in UNPAIRED_COLUMNS if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"{source} row 0 (and every row): missing column(s) {missing}; unpaired preference data "
+        raise ValueError(f"{source} {name(0)} (and every row): missing column(s) {missing}; unpaired preference data "
                          f"needs {list(UNPAIRED_COLUMNS)}, found {dataset.column_names}. TRL's unpaired format has "
                          "no implicit-prompt form: give each row its prompt (for a dialogue, the turns before the "
                          "last assistant reply) and, as completion, that reply")
@@ -87,10 +93,10 @@ def pair_unpaired(dataset, source: str):
     prompts = {}
     for i, row in enumerate(dataset.select_columns(list(UNPAIRED_COLUMNS))):
         if row["prompt"] is None:
-            raise ValueError(f"{source} row {i}: missing 'prompt'; an unpaired row is paired by its prompt, which "
+            raise ValueError(f"{source} {name(i)}: missing 'prompt'; an unpaired row is paired by its prompt, which "
                              "TRL's unpaired format gives in every row")
         if not isinstance(row["label"], bool):
-            raise ValueError(f"{source} row {i}: label must be true (desirable) or false, got {row['label']!r}")
+            raise ValueError(f"{source} {name(i)}: label must be true (desirable) or false, got {row['label']!r}")
         key = json.dumps(row["prompt"], sort_keys=True)
         prompts.setdefault(key, row["prompt"])
         groups.setdefault(key, ([], []))[0 if row["label"] else 1].append((i, row["completion"]))

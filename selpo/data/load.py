@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
+import functools
+import json
 import os
 import re
 from importlib import resources
 from pathlib import Path
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# JSON's whitespace: a line of nothing else holds no row (``datasets`` skips it).
+JSON_SPACE = b" \t\r\n"
+# JSON's name of each kind of value (bool first: a Python bool is an int).
+JSON_KINDS = ((bool, "a boolean"), (str, "a string"), ((int, float), "a number"), (list, "an array"),
+              (dict, "an object"))
 # A dataset name as the hub spells it (owner/name or name), optionally with ":split".
 CACHED_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
 DEFAULT_SPLITS = ("train", "test")
@@ -27,7 +35,9 @@ def load_preference_dataset(path: str | os.PathLike, *, split: str | None = None
     is a dataset saved with ``save_to_disk``; a saved ``DatasetDict`` needs ``split`` unless it holds one
     split. Anything else that looks like a dataset name (``owner/name``, optionally ``:split``) is read from
     the ``datasets`` cache, offline (``load_cached``). Rows are not checked here: ``tokenize_pairs``
-    validates every row (see ``selpo.data.pairs``); but a source with no row at all is an error naming it.
+    validates every row (see ``selpo.data.pairs``); but a source with no row at all is an error naming it, and
+    so is a JSON file that is not UTF-8 (``check_utf8``), or that ``datasets`` cannot read because a line is not
+    JSON, a row no object or a column changes type (``check_json_rows`` names the line).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file or folder path, got {type(path).__name__}")
@@ -63,23 +73,105 @@ def _load(path: str | os.PathLike, split: str | None):
                          "or a folder")
     if split is not None:
         raise ValueError(f"split applies only to a saved DatasetDict folder, not to the file {str(path)!r}")
-    if builder == "json" and _blank(p):  # `datasets` raises StopIteration on an empty file
-        raise _no_rows(path)
+    if builder == "json":
+        check_utf8(p, path)
     try:
         return datasets.load_dataset(builder, data_files=str(p), split="train")
-    except datasets.exceptions.DatasetGenerationError as e:
-        cause = e.__cause__ or e
-        raise ValueError(f"{path}: cannot be read as {p.suffix} preference data: {cause}") from e
-    except ValueError as e:  # a JSON array of no rows: `datasets` says 'Instruction "train" corresponds to no data!'
-        if "corresponds to no data" in str(e):
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        if "corresponds to no data" in str(e):  # a JSON array of no rows
             raise _no_rows(path) from None
-        raise
+        if builder == "json":
+            check_json_rows(p, path)
+        raise ValueError(f"{path}: cannot be read as {p.suffix} preference data: {e.__cause__ or e}") from e
 
 
-def _blank(path: Path) -> bool:
-    """Whether a text file holds nothing but whitespace (read until its first other byte)."""
-    with open(path, "rb") as f:
-        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+def check_utf8(p: Path, path) -> None:
+    """Raises naming the line and the byte of the first that is not UTF-8 (``datasets`` reads such a file without
+    a word and fails when the row is used, naming neither), and for a file of only whitespace. One pass."""
+    offset, blank = 0, True
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                                 f"{offset + e.start} of the file); the file must be UTF-8 encoded: convert it, "
+                                 "e.g. with iconv -f <its encoding> -t utf-8") from None
+            offset += len(raw)
+            blank = blank and not raw.strip(JSON_SPACE)
+    if blank:
+        raise _no_rows(path)
+
+
+def check_json_rows(p: Path, path) -> None:
+    """Raises naming the line (or element) of the first line that is not JSON, the first row that is no JSON
+    object, or the first value whose JSON type differs from its column's first (nulls aside): run when
+    ``datasets`` fails, which names no line, or a row counted from the start of a block. Returns when it finds
+    none of these."""
+    first = {}
+    for name, row in _json_rows(p, path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: {name} is {_kind(row)}, not a row; every row must be a JSON object of its "
+                             "columns")
+        for column, value in row.items():
+            if value is not None:
+                kind, seen_at = first.setdefault(column, (_kind(value), name))
+                if _kind(value) != kind:
+                    raise ValueError(f"{path}: {name}: {column!r} is {_kind(value)}, but {seen_at} has {kind}; "
+                                     "every row must use the same format")
+
+
+def _json_rows(p: Path, path):
+    """(name, parsed row) of each row of a JSON Lines file or a JSON array, in order."""
+    if is_json_array(p):
+        try:
+            rows = json.loads(p.read_bytes())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); a file "
+                             "that starts with '[' must hold one JSON array of rows") from None
+        yield from ((f"element {i}", row) for i, row in enumerate(rows))
+        return
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip(JSON_SPACE):
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                                     "each line must hold one row, a JSON object") from None
+                yield f"line {number}", row
+
+
+def _kind(value) -> str:
+    return next(kind for types, kind in JSON_KINDS if isinstance(value, types))
+
+
+def is_json_array(p: Path) -> bool:
+    """Whether a JSON file holds an array of rows (it starts with "["), rather than one row per line."""
+    with open(p, "rb") as f:
+        head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip(JSON_SPACE)
+        while not head and (chunk := f.read(1 << 16)):
+            head = chunk.lstrip(JSON_SPACE)
+    return head.startswith(b"[")
+
+
+def row_names(source):
+    """i -> how messages name row i of the dataset loaded from ``source``: "line n" of a JSON Lines file, "element
+    i" of a JSON array, "row i" otherwise (the convention is in ``selpo.data.pairs``). A JSON Lines file is read
+    once, at the first name asked for."""
+    p = Path(str(source)).expanduser()
+    if not p.is_file() or FORMATS.get(p.suffix.lower()) != "json":
+        return lambda i: f"row {i}"
+    if is_json_array(p):
+        return lambda i: f"element {i}"
+    numbers = functools.cache(lambda: _row_lines(p))
+    return lambda i: f"line {numbers()[i]}"
+
+
+def _row_lines(p: Path) -> list[int]:
+    """The 1-based numbers of the lines that hold a row (``datasets`` skips blank ones)."""
+    with open(p, "rb") as f:
+        return [number for number, raw in enumerate(f, 1) if raw.strip(JSON_SPACE)]
 
 
 def _pick_split(loaded, split, path):

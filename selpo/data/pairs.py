@@ -16,6 +16,10 @@ is skipped and counted under its reason, or raises naming the source and the row
 - ``no_shared_prompt``: an implicit-prompt row whose chosen and rejected share no prompt;
 - ``bad_type``: not a string, or not a list of messages with string role and content, or a row that
   mixes the two formats;
+- ``bad_role``: a response (a list of messages) that does not start with an assistant turn, or messages
+  the chat template refuses (it raises, e.g. for turns that do not alternate). A template that renders the
+  row but not as the prompt's text followed by the response is the tokenizer's fault and raises, naming the
+  row where it showed;
 - ``empty_response``: chosen or rejected is empty or only whitespace;
 - ``empty_prompt``: the prompt gives no token (plain text without BOS): the first response token needs a
   token before it to be predicted from;
@@ -24,18 +28,27 @@ is skipped and counted under its reason, or raises naming the source and the row
 Truncation: the prompt is cut from the left to its last ``max_prompt_length`` tokens (None: never cut),
 then each response is cut from the right so that prompt + response <= ``max_length``; a cut response keeps
 no end-of-sequence token (``TokenizedPair.cut`` records it; SePO's released rule puts one back, see
-``selpo.stages.score``). Rows are counted from 0, as in ``datasets``; pairs formed from unpaired data are
-named by their source rows. Prompt tokens never enter a loss: only response tokens are targets.
+``selpo.stages.score``). Prompt tokens never enter a loss: only response tokens are targets.
+
+Row numbers: ``TokenizedPair.row`` is the row's index in the dataset (from 0, as in ``datasets``), which the
+later stages store. Every message a user reads (errors, the report's dropped rows and its summary) names the
+row as its file has it instead (``selpo.data.load.row_names``): "line n" of a JSON Lines file (1-based, as
+editors number lines, blank lines included), "element i" of a JSON array (0-based, as JSON indexes arrays),
+and "row i" of a Parquet file, a saved or cached dataset or data from no file (its index, as ``datasets``
+numbers it). A pair formed from unpaired data is "pair i (line a and line b)": its index among the pairs,
+then its two source rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 from .formats import NoSharedPrompt, split_implicit
+from .load import row_names
 
 COLUMNS = ("prompt", "chosen", "rejected")
-REASONS = ("missing", "no_shared_prompt", "bad_type", "empty_response", "empty_prompt", "too_long")
+REASONS = ("missing", "no_shared_prompt", "bad_type", "bad_role", "empty_response", "empty_prompt", "too_long")
 # How many dropped rows the report lists by number, per reason.
 LISTED_ROWS = 5
 
@@ -76,14 +89,15 @@ class DataReport:
     kept: int = 0
     # Kept rows whose prompt or a response was shortened.
     truncated: int = 0
-    # Skipped rows per reason (see REASONS), and the first LISTED_ROWS of them per reason.
+    # Skipped rows per reason (see REASONS), and the first LISTED_ROWS of them per reason, named as the file
+    # names them (e.g. "line 4", see the module docstring).
     dropped: dict[str, int] = field(default_factory=dict)
-    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+    dropped_rows: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         text = f"{self.source}: {self.rows} rows, {self.kept} kept ({self.truncated} truncated)"
         if self.dropped:
-            parts = [f"{reason} {n} (rows {', '.join(map(str, self.dropped_rows[reason]))}"
+            parts = [f"{reason} {n} ({', '.join(self.dropped_rows[reason])}"
                      f"{', ...' if n > len(self.dropped_rows[reason]) else ''})" for reason, n in self.dropped.items()]
             text += f", {sum(self.dropped.values())} dropped: " + "; ".join(parts)
         return text
@@ -91,11 +105,11 @@ class DataReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def _drop(self, row: int, reason: str) -> None:
+    def _drop(self, name: str, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         listed = self.dropped_rows.setdefault(reason, [])
         if len(listed) < LISTED_ROWS:
-            listed.append(row)
+            listed.append(name)
 
 
 class BadRow(ValueError):
@@ -137,8 +151,10 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, max_prompt_length: in
                    source: str = "dataset", strict: bool = False) -> tuple[list[TokenizedPair], DataReport]:
     """Validates, renders, tokenizes and truncates every row (rules in this module's docstring).
 
-    Returns the kept pairs and a ``DataReport``. Raises ``ValueError`` for a missing column, for a bad row
-    when ``strict``, and when no row is left.
+    ``source`` names the data in messages: the file, folder or cached name ``dataset`` was loaded from (a
+    file's rows are then named as the file numbers them), or any label. Returns the kept pairs and a
+    ``DataReport``. Raises ``ValueError`` for a missing column, for a bad row when ``strict``, and when no row
+    is left.
     """
     _check_lengths(max_length, max_prompt_length)
     columns = list(getattr(dataset, "column_names", None) or [])
@@ -149,13 +165,13 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, max_prompt_length: in
                          f"chosen and rejected that share their prompt, or prompt/completion/label (unpaired); "
                          f"found {columns}")
     report = DataReport(source=source, rows=len(dataset))
-    where = _row_names(dataset, columns)
+    where = _row_names(dataset, columns, source)
     rendered = []
     for i, row in enumerate(dataset.select_columns(used)):
         try:
             rendered.append((i, *_render_row(row, tokenizer)))
         except BadRow as bad:
-            _reject(report, source, where(i), i, bad, strict)
+            _reject(report, source, where(i), bad, strict)
         except ValueError as e:
             raise ValueError(f"{source} {where(i)}: {e}") from e
     prompts = encode(tokenizer, [r[1] for r in rendered], prompt=True)
@@ -166,7 +182,7 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, max_prompt_length: in
         try:
             pair = _truncate(TokenizedPair(p, c, r, i), max_length, max_prompt_length)
         except BadRow as bad:
-            _reject(report, source, where(i), i, bad, strict)
+            _reject(report, source, where(i), bad, strict)
             continue
         pairs.append(pair)
         report.truncated += pair.cut != (False, False) or len(pair.prompt_ids) < len(p)
@@ -185,18 +201,19 @@ def _check_lengths(max_length, max_prompt_length):
                          f"got {max_prompt_length!r}")
 
 
-def _row_names(dataset, columns):
-    """Row i's name in messages: "row i", or the source rows of a pair formed from unpaired data."""
+def _row_names(dataset, columns, source):
+    """Row i's name in messages (module docstring): as ``source`` numbers it, or a pair's and its source rows'."""
+    name = row_names(source)
     if "source_rows" not in columns:
-        return lambda i: f"row {i}"
+        return name
     sources = dataset["source_rows"]
-    return lambda i: f"pair {i} (rows {sources[i][0]} and {sources[i][1]})"
+    return lambda i: f"pair {i} ({name(sources[i][0])} and {name(sources[i][1])})"
 
 
-def _reject(report, source, name, row, bad, strict):
+def _reject(report, source, name, bad, strict):
     if strict:
         raise ValueError(f"{source} {name}: {bad} ({bad.reason}; strict=True)") from None
-    report._drop(row, bad.reason)
+    report._drop(name, bad.reason)
 
 
 def _messages(value, role):
@@ -237,18 +254,35 @@ def _render_row(row, tokenizer):
             content = value
         if not content.strip():
             raise BadRow("empty_response", f"{column} is empty")
+        if conversational and value[0]["role"] != "assistant":
+            raise BadRow("bad_role", f"{column} must start with an assistant turn (the model's reply), got a "
+                                     f"{value[0]['role']!r} turn")
         responses.append(value)
-    prompt_text = render_prompt(tokenizer, prompt)
     if not has_chat_template(tokenizer):
-        return prompt_text, *responses
-    texts = []
-    for value in responses:
-        full = tokenizer.apply_chat_template(_messages(prompt, "user") + _messages(value, "assistant"), tokenize=False)
-        if not full.startswith(prompt_text):
-            raise ValueError("the tokenizer's chat template does not render prompt + response as the prompt's text "
-                             "followed by the response, so the response tokens cannot be told apart")
-        texts.append(full[len(prompt_text):])
-    return prompt_text, *texts
+        return render_prompt(tokenizer, prompt), *responses
+    with _refusals_as_bad_rows():
+        prompt_text = render_prompt(tokenizer, prompt)
+        fulls = [tokenizer.apply_chat_template(_messages(prompt, "user") + _messages(value, "assistant"),
+                                               tokenize=False) for value in responses]
+    if not all(full.startswith(prompt_text) for full in fulls):
+        raise ValueError("the tokenizer's chat template does not render prompt + response as the prompt's text "
+                         "followed by the response, so the response tokens cannot be told apart; use a tokenizer "
+                         "whose template does")
+    return prompt_text, *(full[len(prompt_text):] for full in fulls)
+
+
+@contextlib.contextmanager
+def _refusals_as_bad_rows():
+    """The chat template's refusal of a row's messages (its ``raise_exception``, e.g. for turns that do not
+    alternate) as a bad row; a template that does not even compile still raises."""
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+    try:
+        yield
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as e:
+        raise BadRow("bad_role", f"the tokenizer's chat template refuses these messages: {e}") from None
 
 
 def _explicit(row):

@@ -1,6 +1,6 @@
 """Stage ``data``: every row of the training and held-out data validated and tokenized once, before any
-training, so a bad row is reported (or, with ``data.strict``, raises naming file and row) in seconds,
-never hours into a run. The rules are in ``selpo.data.pairs``."""
+training, so a bad row is reported (or, with ``data.strict``, raises naming the file and the row as the file
+numbers it, e.g. its line) in seconds, never hours into a run. The rules are in ``selpo.data.pairs``."""
 
 from __future__ import annotations
 

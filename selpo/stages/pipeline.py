@@ -1,20 +1,22 @@
 """The stages of a run, what each depends on, and how finished work is recognised and skipped.
 
 Every stage reads and writes ``run_dir/<stage>/`` and, as its very last act, writes ``DONE.json``
-holding its fingerprint: a hash of the configuration keys it depends on and of the fingerprints of
-the stages it reads. A stage is *done* when its ``DONE.json`` carries the fingerprint the current
-configuration gives; *stale* when it carries another (a key it depends on changed, or an upstream
-stage was redone); *missing* otherwise. ``selpo run`` runs every stage that is not done, in order;
-a single stage's command runs that stage, after checking the stages it reads are done.
+holding its fingerprint: a hash of the configuration keys it depends on, of the contents of the input files
+those keys name (``selpo.input_hashes``) and of the fingerprints of the stages it reads. A stage is *done*
+when its ``DONE.json`` carries the fingerprint the current configuration and inputs give; *stale* when it
+carries another (a key it depends on changed, an input file was edited, or an upstream stage was redone);
+*missing* otherwise. ``selpo run`` runs every stage that is not done, in order; a single stage's command
+runs that stage, after checking the stages it reads are done. Every command holds the run folder's lock
+and writes only what ``selpo.run_folder`` allows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from .. import config as config_module
 from ..atomic import write_text_atomic
 from ..config import RunConfig
 from ..context import DONE, Context
+from ..input_hashes import input_hashes, input_paths
+from ..run_folder import OWN_FILES, RunFolderError
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,9 @@ def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
 
 
 def fingerprint(config: RunConfig, name: str) -> str:
-    """The hash a finished stage ``name`` must carry to count as done under ``config``."""
-    stage = stages()[name]
-    material = {"config": _config_values(config, stage.keys_for(config.method)),
+    """The hash a finished stage ``name`` must carry to count as done under ``config`` and its inputs."""
+    keys = stages()[name].keys_for(config.method)
+    material = {"config": _config_values(config, keys), "inputs": input_hashes(config, keys),
                 "needs": {up: fingerprint(config, up) for up in needs(config, name)}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -117,17 +121,66 @@ def status(ctx: Context, name: str) -> str:
     return "done" if record["fingerprint"] == fingerprint(ctx.config, name) else "stale"
 
 
+def _changed(old: dict, new: dict) -> list[str]:
+    return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 def _why_stale(ctx: Context, name: str) -> str:
     record = ctx.done_record(name)
-    old, new = record.get("config", {}), _config_values(ctx.config, stages()[name].keys_for(ctx.config.method))
-    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    keys = stages()[name].keys_for(ctx.config.method)
+    changed = _changed(record.get("config", {}), _config_values(ctx.config, keys))
     if changed:
         return f"its configuration changed ({', '.join(changed)})"
+    edited = _changed(record.get("inputs", {}), input_hashes(ctx.config, keys))
+    if edited:
+        return f"the contents of its input changed ({', '.join(edited)})"
     return "a stage it reads was redone since"
+
+
+def _on_main(ctx: Context, fn) -> None:
+    """Runs ``fn`` on the main process; a ``RunFolderError`` it raises there is raised on every process."""
+    error = None
+    if ctx.accelerator.is_main_process:
+        try:
+            fn()
+        except RunFolderError as e:
+            error = str(e)
+    if ctx.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise RunFolderError(error)
+
+
+def check_folder(ctx: Context) -> None:
+    """Before any work: no input inside the run folder, no file of the user's where selpo writes its own."""
+    for key, path in input_paths(ctx.config).items():
+        ctx.folder.check_input(key, path)
+    for name in OWN_FILES:
+        ctx.folder.own_file(name)
+
+
+@contextlib.contextmanager
+def working(ctx: Context):
+    """Checks the run folder (``check_folder``, before anything is written), then holds its lock (the main
+    process takes it) for the block."""
+    with contextlib.ExitStack() as stack:
+        def take():
+            check_folder(ctx)
+            stack.enter_context(ctx.folder.locked())
+
+        _on_main(ctx, take)
+        yield
 
 
 def run_stage(ctx: Context, name: str) -> dict:
     """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary."""
+    with working(ctx):
+        return _run_stage(ctx, name)
+
+
+def _run_stage(ctx: Context, name: str) -> dict:
     stage = stages()[name]
     if name not in pipeline(ctx.config.method):
         raise StageError(f"stage {name!r} is not part of method {ctx.config.method!r}, which runs "
@@ -138,20 +191,23 @@ def run_stage(ctx: Context, name: str) -> dict:
             reason = "has not run" if state == "missing" else f"is stale: {_why_stale(ctx, up)}"
             raise StageError(f"stage {name!r} reads the output of stage {up!r}, which {reason}; run "
                              f"`selpo {up}` first, or `selpo run` for every stage that needs it")
-    save_config(ctx)
-    out = ctx.stage_dir(name)
-    if ctx.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    def begin():
+        out = ctx.folder.begin_stage(name)
+        save_config(ctx)
         (out / DONE).unlink(missing_ok=True)  # a crash from here on must not look finished
+
+    _on_main(ctx, begin)
     ctx.accelerator.wait_for_everyone()
     ctx.print(f"== {name}: {stage.help}")
     began = time.perf_counter()
     summary = stage.run(ctx)
-    record = {"fingerprint": fingerprint(ctx.config, name),
-              "config": _config_values(ctx.config, stage.keys_for(ctx.config.method)),
-              "seconds": round(time.perf_counter() - began, 1), "summary": summary}
+    keys = stage.keys_for(ctx.config.method)
+    record = {"fingerprint": fingerprint(ctx.config, name), "config": _config_values(ctx.config, keys),
+              "inputs": input_hashes(ctx.config, keys), "seconds": round(time.perf_counter() - began, 1),
+              "summary": summary}
     if ctx.accelerator.is_main_process:
-        write_text_atomic(out / DONE, json.dumps(record, indent=1))
+        write_text_atomic(ctx.stage_dir(name) / DONE, json.dumps(record, indent=1))
+        ctx.folder.end_stage(name)
     ctx.accelerator.wait_for_everyone()
     ctx.print(f"== {name}: done in {record['seconds']} s")
     return record
@@ -159,12 +215,12 @@ def run_stage(ctx: Context, name: str) -> dict:
 
 def announce_reward(ctx: Context) -> None:
     """On data other than the packaged sentiment task, says which reward eval (and guidance) will use, so that
-    VADER is never applied silently to data it does not fit; a reward function that cannot be imported fails
-    here, not after training."""
-    from ..rewards import VADER, check_spec, describe
+    VADER is never applied silently to data it does not fit; a reward that will not load or score fails here
+    (``verify_reward``), not after training."""
+    from ..rewards import VADER, describe, verify_reward
 
     data, spec = ctx.config.data, ctx.config.eval.reward
-    check_spec(spec, import_callable=True)
+    verify_reward(spec)
     if data.train == "default" and data.test == "default":
         return
 
@@ -175,6 +231,11 @@ def announce_reward(ctx: Context) -> None:
 
 def run_all(ctx: Context) -> dict[str, dict]:
     """Runs every stage of the method that is not done, in order; returns each stage's DONE record."""
+    with working(ctx):
+        return _run_all(ctx)
+
+
+def _run_all(ctx: Context) -> dict[str, dict]:
     announce_reward(ctx)
     records = {}
     for name in pipeline(ctx.config.method):
@@ -185,20 +246,19 @@ def run_all(ctx: Context) -> dict[str, dict]:
             continue
         if state == "stale":
             ctx.print(f"== {name}: redone, as {_why_stale(ctx, name)}")
-        records[name] = run_stage(ctx, name)
+        records[name] = _run_stage(ctx, name)
     return records
 
 
 def save_config(ctx: Context) -> None:
     """Writes the configuration of the stage about to run to ``run_dir/config.toml`` (documented, and read
-    back by later commands on the same run folder)."""
-    if ctx.accelerator.is_main_process:
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(ctx.run_dir / "config.toml", config_module.to_toml(ctx.config))
+    back by later commands on the same run folder). Main process only."""
+    ctx.folder.write_own_file("config.toml", config_module.to_toml(ctx.config))
 
 
 def clear_stage(ctx: Context, name: str) -> None:
-    """Removes a stage's folder (its outputs and checkpoints), e.g. to retrain from scratch."""
-    if ctx.accelerator.is_main_process:
-        shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
-    ctx.accelerator.wait_for_everyone()
+    """Removes a stage's outputs and checkpoints, e.g. to retrain from scratch; only files selpo wrote
+    (``RunFolder.clear_stage``)."""
+    with working(ctx):
+        _on_main(ctx, lambda: ctx.folder.clear_stage(name))
+        ctx.accelerator.wait_for_everyone()

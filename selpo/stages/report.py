@@ -12,7 +12,6 @@ import json
 
 from .. import config as config_module
 from .. import methods
-from ..atomic import write_text_atomic
 from ..context import Context, read_jsonl
 from ..models import load_tokenizer
 from ..pages import STYLE, heatmap_html, table
@@ -118,6 +117,6 @@ def run(ctx: Context) -> dict:
 <h2>Configuration</h2><pre>{html.escape(config_module.to_toml(ctx.config))}</pre>
 </body></html>
 """
-        write_text_atomic(out, page)
+        ctx.folder.write_own_file(out.name, page)
     return {"report": str(out)}
 

@@ -7,11 +7,13 @@ rewards of a chosen response (``score.chosen_ratio`` of its tokens) and the lowe
 (``score.rejected_ratio``). Scores and masks are saved with the pairs in ``score/scored.jsonl``, which
 SePO's training reads and the report displays.
 
-``score.rule = "released"`` follows the authors' code instead (``released_candidates``): their scores are
-sliced from the prompt length, so the first response token is never selectable and k = floor(ratio * (n - 1));
-where that is 0 their loss is 0/0 = NaN, and selpo keeps one token (a one-token response keeps its only
-token). A response that ``data.max_length`` cut has its last token replaced by EOS before scoring, as their
-code does; under ``"paper"`` it ends where it was cut.
+``score.rule = "released"`` follows the authors' code instead (``released_candidates``, ``released_counts``):
+their scores are sliced from the prompt length, so the first response token is never selectable, and k is their
+Python ``int(float(ratio) * (n - 1))``, a float64 product truncated: for a few (ratio, n) the product lands just
+below an integer and k is one less than the exact floor ``"paper"`` uses (ratio 0.58 of a 51-token response:
+``int(0.58 * 50)`` = 28, not 29). Where k is 0 their loss is 0/0 = NaN, and selpo keeps one token (a one-token
+response keeps its only token). A response that ``data.max_length`` cut has its last token replaced by EOS
+before scoring, as their code does; under ``"paper"`` it ends where it was cut.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def released_candidates(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     return valid
 
 
+def released_counts(cu_seqlens: torch.Tensor, ratio: float) -> torch.Tensor:
+    """int64 [S]: k of each response under the released rule, ``max(1, int(float(ratio) * n))`` of its n
+    ``released_candidates`` (0 for an empty segment): their float64 product, truncated, not an exact floor."""
+    lengths = cu_seqlens.diff().long()
+    n = torch.where(lengths > 1, lengths - 1, lengths)
+    k = (n.to(torch.float64) * float(ratio)).long()
+    return torch.where(n > 0, k.clamp(min=1), 0)
+
+
 def with_eos(pair: TokenizedPair, eos_id: int) -> TokenizedPair:
     """The pair with the last token of each response that was cut replaced by ``eos_id`` (released rule)."""
     chosen, rejected = (ids[:-1] + [eos_id] if cut else ids for ids, cut in zip(pair.responses, pair.cut))
@@ -49,17 +60,20 @@ def with_eos(pair: TokenizedPair, eos_id: int) -> TokenizedPair:
 def select(scores: torch.Tensor, cu_seqlens: torch.Tensor, chosen_ratio: float, rejected_ratio: float,
            backend: str = "auto", rule: str = "paper") -> torch.Tensor:
     """bool [N]: per chosen response its top ``chosen_ratio`` scores, per rejected one its bottom ``rejected_ratio``,
-    among every token (``rule="paper"``) or ``released_candidates`` (``"released"``)."""
+    among every token (``rule="paper"``) or ``released_candidates``, counted by ``released_counts``
+    (``"released"``)."""
     if rule not in SCORE_RULES:
         raise ValueError(f"rule must be one of {SCORE_RULES}, got {rule!r}")
     num_pairs = (cu_seqlens.shape[0] - 1) // 2
     split = int(cu_seqlens[num_pairs])
-    valid = released_candidates(cu_seqlens, scores.shape[0]) if rule == "released" else None
-    chosen = topk_mask(scores[:split], cu_seqlens[:num_pairs + 1], chosen_ratio, largest=True, backend=backend,
-                       valid=None if valid is None else valid[:split])
-    rejected = topk_mask(scores[split:], cu_seqlens[num_pairs:] - split, rejected_ratio, largest=False,
-                         backend=backend, valid=None if valid is None else valid[split:])
-    return torch.cat([chosen, rejected])
+    sides = ((slice(None, split), cu_seqlens[:num_pairs + 1], chosen_ratio, True),
+             (slice(split, None), cu_seqlens[num_pairs:] - split, rejected_ratio, False))
+    if rule == "paper":
+        return torch.cat([topk_mask(scores[part], cu, ratio, largest=largest, backend=backend)
+                          for part, cu, ratio, largest in sides])
+    valid = released_candidates(cu_seqlens, scores.shape[0])
+    return torch.cat([topk_mask(scores[part], cu, counts=released_counts(cu, ratio), largest=largest,
+                                valid=valid[part], backend=backend) for part, cu, ratio, largest in sides])
 
 
 @torch.no_grad()
