@@ -38,6 +38,9 @@ def _require(section: str, name: str, ok: bool, message: str) -> None:
         _fail(section, name, message)
 
 
+PACKINGS = ("shared", "packed", "padded")
+
+
 @dataclass
 class DataConfig:
     """Which preference data to use and how long examples may be."""
@@ -62,6 +65,14 @@ class DataConfig:
     max_test_pairs: int | None = option(None, "Use only the first N held-out pairs (none: all).")
     strict: bool = option(False, "Raise on the first bad row (naming file and row) instead of skipping and "
                           "counting it.")
+    packing: str = option("shared", "How the model body reads a batch in every stage but sampling: shared (each "
+                          "prompt once, followed by each of its responses, in one row without padding), packed "
+                          "(each prompt + response its own segment of one row, no padding) or padded (2P "
+                          "right-padded rows, each prompt computed twice). A model whose body cannot take a row "
+                          "(recurrent or state-space layers, attention outside transformers' attention interface) "
+                          "is found by a check on a probe when a stage first uses it, and runs padded; the stage "
+                          "says so. The layouts give the same log-probs up to float rounding, so this key is in no "
+                          "stage's fingerprint.")
 
     def __post_init__(self):
         s = self.SECTION
@@ -70,6 +81,7 @@ class DataConfig:
         for name in ("max_train_pairs", "max_test_pairs"):
             value = getattr(self, name)
             _require(s, name, value is None or value >= 1, f"must be >= 1 or none, got {value}")
+        _require(s, "packing", self.packing in PACKINGS, f"must be one of {PACKINGS}, got {self.packing!r}")
 
 
 @dataclass

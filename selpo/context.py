@@ -71,6 +71,31 @@ class Context:
     def print(self, *args) -> None:
         self.accelerator.print(*args)
 
+    def load_causal_lm(self, path: str):
+        """(model, tokenizer) of ``path`` (``selpo.models.load_causal_lm``) on the run's device, the token layout
+        of its body chosen (``_choose_layout``)."""
+        from .models import load_causal_lm  # here: it brings torch, which the bookkeeping does without
+
+        model, tokenizer = load_causal_lm(path, device=self.accelerator.device)
+        self._choose_layout(model, path)
+        return model, tokenizer
+
+    def load_reward_model(self, path: str, **options):
+        """(model, tokenizer): ``selpo.reward_model.load_reward_model`` as ``load_causal_lm``."""
+        from .reward_model import load_reward_model
+
+        model, tokenizer = load_reward_model(path, device=self.accelerator.device, **options)
+        self._choose_layout(model, path)
+        return model, tokenizer
+
+    def _choose_layout(self, model, name: str) -> None:
+        """``data.packing`` for ``model``'s body where it passes ``selpo.packing_check``, else padded, said."""
+        from .packing_check import choose_layout
+
+        fallback = choose_layout(model, self.config.data.packing)
+        if fallback is not None:
+            self.print(f"data.packing: {name} runs {fallback}")
+
     def pairs_path(self, split: str) -> Path:
         """The ``data`` stage's tokenized pairs of ``split`` ("train" or "test")."""
         return self.stage_dir("data") / f"{split}.jsonl"

@@ -35,11 +35,11 @@ class Batch:
         return Batch(self.pairs.to(device), {k: v.to(device) for k, v in self.extras.items()})
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Packs examples (all pairs, or all rankings of one size); every example must carry the same extras,
-    each as long as its response."""
+def collate(examples: list[Example], pad_id: int, layout: str = "padded") -> Batch:
+    """Packs examples (all pairs, or all rankings of one size) in the token ``layout`` (``collate_pairs``); every
+    example must carry the same extras, each as long as its response."""
     ranked = bool(examples) and isinstance(examples[0].pair, TokenizedRanking)
-    pairs = (collate_ranked if ranked else collate_pairs)([e.pair for e in examples], pad_id)
+    pairs = (collate_ranked if ranked else collate_pairs)([e.pair for e in examples], pad_id, layout)
     names = examples[0].extras.keys() if examples else ()
     ranks = len(examples[0].pair.responses) if examples else 0
     extras = {}

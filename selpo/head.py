@@ -113,9 +113,12 @@ def read_head(model) -> LogitHead:
     return LogitHead(head.weight, head.bias, scale=float(value) if kind == MULTIPLIER else 1.0 / value)
 
 
-def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, D] final hidden states (after the final norm), from the base model alone: no logits."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, D] final hidden states (after the final norm), from the base model alone: no logits. ``position_ids``
+    (packed rows, whose positions restart) is passed only when given: not every body takes it."""
+    positions = {} if position_ids is None else {"position_ids": position_ids}
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **positions)
     return out.last_hidden_state
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from .body import body_states, layout_of
 from .data import PairBatch, TokenizedPair, TokenizedRanking
 from .distributed import map_batches
 from .examples import Example, collate, split_packed
@@ -95,12 +96,10 @@ def bound(model, x: torch.Tensor) -> torch.Tensor:
 def token_rewards(model, pairs: PairBatch) -> torch.Tensor:
     """[N] float32 reward of each response token of ``pairs`` (packed like ``pairs.targets``), ``bound``'s range.
 
-    The head reads the hidden state at the token's own position (``positions + 1``): the reward of y_t
-    depends on y_t. Only those N states go through the head.
+    The head reads the hidden state at the token's own position (``pairs.tokens``): the reward of y_t
+    depends on y_t. Only those N states go through the head. The body runs in the batch's token layout.
     """
-    hidden = model.base_model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask,
-                              use_cache=False).last_hidden_state
-    at_tokens = hidden.flatten(0, 1)[pairs.positions + 1]
+    at_tokens = body_states(model, pairs)[pairs.tokens]
     return bound(model, model.score(at_tokens).squeeze(-1).float())
 
 
@@ -108,11 +107,12 @@ def token_rewards(model, pairs: PairBatch) -> torch.Tensor:
 def pair_rewards(accelerator: Accelerator, model, pairs: list[TokenizedPair | TokenizedRanking], *,
                  batch_size: int) -> list[tuple[torch.Tensor, ...]]:
     """Per pair, float32 CPU (chosen, rejected) token rewards (per ranking, one tensor per response), under
-    the accelerator's autocast, sharded over the processes."""
+    the accelerator's autocast, sharded over the processes, the body in the layout chosen for ``model``."""
     model.eval()
 
     def rewards(chunk: list):
-        batch = collate([Example(p) for p in chunk], model.config.pad_token_id).pairs.to(accelerator.device)
+        batch = collate([Example(p) for p in chunk], model.config.pad_token_id, layout_of(model)).pairs.to(
+            accelerator.device)
         with accelerator.autocast():
             values = token_rewards(model, batch)
         return split_packed(values.cpu(), batch.cu_seqlens.cpu(), len(chunk[0].responses))

@@ -30,10 +30,13 @@ from torch import nn
 
 from . import checkpoint, progress
 from .atomic import write_text_atomic
+from .body import layout_of
 from .data import BatchSchedule
+from .data.packing import PADDED
 from .examples import Batch, Example, collate
 from .lean_body import lean_body
 from .recompute import enable_gradient_checkpointing
+from .segment_attention import segment_attention
 
 if TYPE_CHECKING:
     from .config import LoopConfig, RunConfig
@@ -174,7 +177,7 @@ def save_model(accelerator: Accelerator, module: torch.nn.Module, tokenizer, out
 
 
 def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, examples: list[Example],
-                    chosen: list[int], config: LoopConfig, pad_id: int) -> dict:
+                    chosen: list[int], config: LoopConfig, pad_id: int, layout: str) -> dict:
     """One optimizer step on the global batch ``chosen``: this process's micro-batches, gradients
     accumulated (synchronised across processes on the last one only), clipped, applied.
 
@@ -186,8 +189,12 @@ def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, exam
     tally = Tally()
     for micro in range(accum):
         piece = chosen[(micro * world + rank) * mb:(micro * world + rank + 1) * mb]
-        batch = collate([examples[i] for i in piece], pad_id).to(accelerator.device)
-        with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(module):
+        batch = collate([examples[i] for i in piece], pad_id, layout).to(accelerator.device)
+        with contextlib.ExitStack() as stack:
+            if micro < accum - 1:
+                stack.enter_context(accelerator.no_sync(module))
+            if layout != PADDED:  # a checkpointed layer replays its attention in the backward
+                stack.enter_context(segment_attention(accelerator.unwrap_model(module).lm))
             loss, metrics = module(batch)
             accelerator.backward(loss / accum)
         tally.add(loss, metrics, len(piece))
@@ -237,7 +244,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
 
     ``out_dir`` receives ``checkpoints/``, ``metrics.jsonl`` (one JSON record per logged step) and
     ``model/``. A checkpoint there with the same ``fingerprint`` (a hash of everything that shapes the
-    training) and the same number of steps is resumed. ``on_step(step)`` runs after every optimizer step
+    training) and the same number of steps is resumed. The body's batches are laid out as chosen for
+    ``model`` (``selpo.body.layout_of``). ``on_step(step)`` runs after every optimizer step
     and its checkpoint (e.g. to evaluate); ``before_step(step, model)`` before every one, the first after a
     resume included (e.g. to alternate with another model: it may change ``examples`` in place, and may
     itself call ``train`` on the same accelerator).
@@ -253,6 +261,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     steps_per_epoch = schedule.steps_per_epoch
     total = config.max_steps or config.epochs * steps_per_epoch
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layout = layout_of(model)
 
     set_seed(seed)
     model.train()
@@ -275,7 +284,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
                 if before_step is not None:
                     before_step(step, accelerator.unwrap_model(module).lm)
                 record = _optimizer_step(accelerator, module, optimizer, scheduler, examples,
-                                         schedule.indices(step), config, pad_id)
+                                         schedule.indices(step), config, pad_id, layout)
                 done = step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}")

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import selpo.kernels
 
@@ -15,8 +16,8 @@ def test_no_top_level_kernels_module(tmp_path):
     code = ("import importlib.util, selpo.kernels; spec = importlib.util.find_spec('kernels'); "
             "print(spec.origin if spec else 'none')")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    origin = out.stdout.strip()
-    assert origin == "none" or not origin.startswith(REPO), f"`import kernels` finds selpo's folder: {origin}"
+    origin = out.stdout.strip()  # none, or the Hugging Face `kernels` package transformers (5.x) installs
+    assert origin == "none" or Path(origin).parent != Path(REPO) / "kernels", f"`import kernels` finds {origin}"
 
 
 def test_public_ops_exported():
@@ -36,3 +37,13 @@ def test_wheel_maps_kernels_under_selpo(tmp_path):
     assert "selpo/kernels/topk_mask/__init__.py" in names
     assert "selpo/default_data/train.jsonl" in names and "selpo/default_data/test.jsonl" in names
     assert not [n for n in names if n.startswith("kernels/")]
+
+
+def test_the_repository_root_on_the_path_does_not_hide_the_kernels_package():
+    """`python -m ...` from the repository root puts it on sys.path; importing selpo takes it off again, so the
+    repository's kernels/ never shadows the Hugging Face `kernels` package that transformers imports."""
+    code = ("import sys; sys.path.insert(0, ''); import selpo, importlib.util; "
+            "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else 'none')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    origin = out.stdout.strip()
+    assert origin == "none" or Path(origin).parent != Path(REPO) / "kernels", f"`import kernels` finds {origin}"

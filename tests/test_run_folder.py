@@ -342,3 +342,14 @@ def test_run_folder_rejects_bad_paths_in_the_python_api(tmp_path):
     folder.check_input("data.train", tmp_path / "elsewhere.jsonl")  # beside it is fine
     (tmp_path / "beside.jsonl").write_text("")
     folder.check_input("data.train", tmp_path / "beside.jsonl")
+
+
+def test_a_single_stage_checks_its_reward_before_any_work(finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    broken = tmp_path / "reward-model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "num_labels": 1}))
+    before = snapshot(run_dir)
+    code, _, err = _selpo("eval", "--run-dir", run_dir, "--set", f"eval.reward={broken}")
+    assert code == 1 and "eval.reward" in err and str(broken) in err and "Traceback" not in err
+    assert snapshot(run_dir) == before  # eval's outputs untouched

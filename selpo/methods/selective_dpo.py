@@ -18,7 +18,6 @@ import torch
 
 from ..kernels import dpo_loss, linear_logprobs, segment_sum, topk_mask
 from ..logprobs import response_states
-from ..models import load_causal_lm
 from .base import Method, Prepared, view_row
 from .dpo import reference_examples
 
@@ -92,7 +91,7 @@ class SelectiveDPOMethod(Method):
 
     def prepare(self, ctx, policy, tokenizer, key):
         """The strong reference is the DPO-trained oracle; its log-probs are computed once, then it is let go."""
-        reference, _ = load_causal_lm(ctx.model_path("oracle"), device=ctx.accelerator.device)
+        reference, _ = ctx.load_causal_lm(ctx.model_path("oracle"))
         examples = reference_examples(ctx, reference, tokenizer)
         del reference
         cfg = ctx.config.train

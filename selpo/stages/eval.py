@@ -32,7 +32,6 @@ from ..data import TokenizedPair, encode_prompt
 from ..distributed import map_batches
 from ..logprobs import pair_logps
 from ..methods import TokenLogps
-from ..models import load_causal_lm
 from ..rewards import VADER, describe, load_reward
 from ..sentiment import key_token_mask, sample_responses
 from ..trainer import read_metrics
@@ -119,13 +118,13 @@ def selection_precision(tokenizer, rows: list[dict], side: str) -> dict:
 
 
 def run(ctx: Context) -> dict:
-    cfg, run_cfg, device = ctx.config.eval, ctx.config, ctx.accelerator.device
+    cfg, run_cfg = ctx.config.eval, ctx.config
     method = methods.get(run_cfg.method)
     prompts = ctx.prompts("test")[:cfg.prompts]
     test_pairs = ctx.pairs("test")
     view_pairs = ctx.pairs("train")[:cfg.token_pairs]
     has_oracle = "oracle" in method.stages
-    policy, tokenizer = load_causal_lm(ctx.model_path("train"), device=device)
+    policy, tokenizer = ctx.load_causal_lm(ctx.model_path("train"))
 
     def logps(model, pairs, desc):
         return pair_logps(ctx.accelerator, model, pairs, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size,
@@ -136,7 +135,7 @@ def run(ctx: Context) -> dict:
     policy_test = logps(policy, test_pairs, "policy log-probs of held-out pairs")
     policy_view = logps(policy, view_pairs, "policy log-probs of viewed pairs")
     del policy  # one model at a time
-    initial, _ = load_causal_lm(run_cfg.model, device=device)
+    initial, _ = ctx.load_causal_lm(run_cfg.model)
     initial_samples = sample(ctx, initial, tokenizer, prompts, "initial model")
     initial_on_samples = sums(logps(initial, policy_samples, "initial log-probs of the policy's samples"))
     initial_test = logps(initial, test_pairs, "initial log-probs of held-out pairs")
@@ -144,7 +143,7 @@ def run(ctx: Context) -> dict:
     del initial
     oracle_test = oracle_view = None
     if has_oracle:
-        oracle, _ = load_causal_lm(ctx.model_path("oracle"), device=device)
+        oracle, _ = ctx.load_causal_lm(ctx.model_path("oracle"))
         oracle_test = logps(oracle, test_pairs, "oracle log-probs of held-out pairs")
         oracle_view = logps(oracle, view_pairs, "oracle log-probs of viewed pairs")
         del oracle

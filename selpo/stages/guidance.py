@@ -8,7 +8,6 @@ from ..context import Context
 from ..data import seeded_subset
 from ..examples import Example
 from ..methods.guidance import ranking_objective
-from ..reward_model import load_reward_model
 from ..trainer import read_metrics, train
 from .pipeline import fingerprint
 
@@ -17,7 +16,7 @@ def run(ctx: Context) -> dict:
     cfg, run_cfg = ctx.config.guidance, ctx.config
     pairs = ctx.pairs("train")
     chosen = seeded_subset(len(pairs), cfg.fraction, run_cfg.seed)
-    model, tokenizer = load_reward_model(run_cfg.model, device=ctx.accelerator.device, head=cfg.head)
+    model, tokenizer = ctx.load_reward_model(run_cfg.model, head=cfg.head)
     out = ctx.stage_dir("guidance")
     train(ctx.accelerator, model, tokenizer, ranking_objective(ctx), [Example(pairs[i]) for i in chosen], cfg, out,
           seed=run_cfg.seed, fingerprint=fingerprint(run_cfg, "guidance"))

@@ -15,7 +15,6 @@ from ..context import Context
 from ..data import seeded_subset
 from ..examples import Example
 from ..methods import DPO, with_reference_logps
-from ..models import load_causal_lm
 from ..trainer import read_metrics, train
 from .pipeline import fingerprint
 
@@ -24,7 +23,7 @@ def run(ctx: Context) -> dict:
     cfg, run_cfg = ctx.config.oracle, ctx.config
     pairs = ctx.pairs("train")
     chosen = seeded_subset(len(pairs), cfg.fraction, run_cfg.seed)
-    model, tokenizer = load_causal_lm(run_cfg.model, device=ctx.accelerator.device)
+    model, tokenizer = ctx.load_causal_lm(run_cfg.model)
     examples = with_reference_logps(ctx.accelerator, model, [Example(pairs[i]) for i in chosen],
                                     pad_id=tokenizer.pad_token_id, batch_size=cfg.micro_batch_size,
                                     backend=run_cfg.backend)

@@ -95,13 +95,20 @@ def needs(config: RunConfig, name: str) -> tuple[str, ...]:
     return tuple(up for up in stages()[name].needs if up in pipeline(config.method))
 
 
+# Keys that change how a result is computed, never what it is (up to float rounding): in no fingerprint.
+UNFINGERPRINTED = ("data.packing",)
+
+
 def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
     values = {}
     for key in keys:
         value = config
         for part in key.split("."):
             value = getattr(value, part)
-        values[key] = config_module.to_dict(value) if dataclasses.is_dataclass(value) else value
+        if dataclasses.is_dataclass(value):
+            value = {name: v for name, v in config_module.to_dict(value).items()
+                     if f"{key}.{name}" not in UNFINGERPRINTED}
+        values[key] = value
     return values
 
 
@@ -175,8 +182,12 @@ def working(ctx: Context):
 
 
 def run_stage(ctx: Context, name: str) -> dict:
-    """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary."""
+    """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary. A stage that uses the
+    reward (``eval.reward`` among its keys) checks it first (``announce_reward``)."""
     with working(ctx):
+        keys = stages()[name].keys_for(ctx.config.method)
+        if "eval" in keys or "eval.reward" in keys:
+            announce_reward(ctx)
         return _run_stage(ctx, name)
 
 
@@ -199,8 +210,14 @@ def _run_stage(ctx: Context, name: str) -> dict:
     _on_main(ctx, begin)
     ctx.accelerator.wait_for_everyone()
     ctx.print(f"== {name}: {stage.help}")
+    from ..body import TALLY  # here: it brings torch, which the bookkeeping does without
+
+    TALLY.reset()
     began = time.perf_counter()
     summary = stage.run(ctx)
+    body = TALLY.totals(ctx.accelerator)
+    if body["padded_tokens"]:
+        summary = {**summary, **body}
     keys = stage.keys_for(ctx.config.method)
     record = {"fingerprint": fingerprint(ctx.config, name), "config": _config_values(ctx.config, keys),
               "inputs": input_hashes(ctx.config, keys), "seconds": round(time.perf_counter() - began, 1),

@@ -1,8 +1,10 @@
 """Stage ``report``: ``report.html`` in the run folder, what a person looks at after a run.
 
-It holds the configuration, the data report, the results table, the training curves (``report/curves.png``)
-and a token heatmap of a few training pairs: each response token coloured by the method's score or weight
-(green positive, red negative; ``eval/tokens.jsonl``) and the tokens its loss reads outlined.
+It holds the configuration, the data report, the results table, the tokens each stage's model bodies computed
+(in ``data.packing``'s layout, beside the padded layout's count for the same batches), the training curves
+(``report/curves.png``) and a token heatmap of a few training pairs: each response token coloured by the
+method's score or weight (green positive, red negative; ``eval/tokens.jsonl``) and the tokens its loss reads
+outlined.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..context import Context, read_jsonl
 from ..models import load_tokenizer
 from ..pages import STYLE, heatmap_html, table
 from ..trainer import read_metrics
+from .pipeline import pipeline
 
 CURVES = ("loss", "accuracy", "margin")
 TRAINED = {"oracle": "oracle (DPO)", "guidance": "reward model (ranking)", "train": "policy"}  # stage -> label
@@ -91,6 +94,18 @@ def summary_text(results: dict) -> str:
     return "\n".join(lines)
 
 
+def body_rows(ctx: Context) -> list[tuple]:
+    """Per stage that ran a model body: (stage, its layouts, tokens computed, tokens padded, their ratio)."""
+    rows = []
+    for stage in pipeline(ctx.config.method):
+        summary = (ctx.done_record(stage) or {}).get("summary", {})
+        if summary.get("padded_tokens"):
+            computed, padded = summary["body_tokens"], summary["padded_tokens"]
+            rows.append((stage, ", ".join(summary["body_layouts"]), f"{computed:,}", f"{padded:,}",
+                         f"{computed / padded:.2f}x"))
+    return rows
+
+
 def run(ctx: Context) -> dict:
     results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
     data_report = json.loads((ctx.stage_dir("data") / "report.json").read_text())
@@ -109,6 +124,10 @@ def run(ctx: Context) -> dict:
 <p>Reward: {html.escape(results.get("reward", {}).get("description", "VADER"))}.</p>
 <p>{results['samples']} samples per model on {results['prompts']} held-out prompts;
 {results['test_pairs']} held-out pairs.</p>
+<h2>Model body work</h2><p>Tokens the model bodies computed in each stage (data.packing =
+{html.escape(ctx.config.data.packing)}; a model that cannot take it runs padded, as the stage's log says), beside
+the tokens of the same batches in the padded layout (2 rows per pair, each padded to the longest).</p>
+{table(body_rows(ctx), ("stage", "layout", "tokens computed", "padded layout", "ratio"))}
 <h2>Training curves</h2><img src="report/curves.png" alt="training curves" style="max-width:100%">
 <h2>Tokens as {method.title} sees them</h2>
 <p>Background: {method.legend} (green positive, red negative; hover for the value).</p>

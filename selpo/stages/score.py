@@ -23,14 +23,15 @@ import dataclasses
 import torch
 from accelerate import Accelerator
 
+from ..body import layout_of
 from ..config import SCORE_RULES
 from ..context import Context, pair_row, write_jsonl
 from ..data import TokenizedPair, collate_pairs
+from ..data.packing import PADDED
 from ..distributed import map_batches
 from ..examples import split_packed
 from ..kernels import linear_logprobs, token_scores, topk_mask
 from ..logprobs import response_states
-from ..models import load_causal_lm
 
 
 def released_candidates(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,12 +84,15 @@ def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[Tokeniz
     """Per pair, ((chosen scores, rejected scores), (chosen mask, rejected mask)) as CPU tensors.
 
     Sharded over the processes by whole batches, so every pair is scored in the same batch as on one process.
+    The body runs in the layout chosen for both models (``selpo.body.layout_of``), padded if they differ.
     """
     oracle.eval()
     reference.eval()
 
+    layout = layout_of(oracle) if layout_of(oracle) == layout_of(reference) else PADDED
+
     def score(chunk: list[TokenizedPair]):
-        batch = collate_pairs(chunk, pad_id).to(accelerator.device)
+        batch = collate_pairs(chunk, pad_id, layout).to(accelerator.device)
         with accelerator.autocast():
             h_oracle, oracle_head = response_states(oracle, batch)
             h_ref, ref_head = response_states(reference, batch)
@@ -111,10 +115,10 @@ def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[Tokeniz
 def run(ctx: Context) -> dict:
     cfg, run_cfg = ctx.config.score, ctx.config
     pairs = ctx.pairs("train")
-    oracle, tokenizer = load_causal_lm(ctx.model_path("oracle"), device=ctx.accelerator.device)
+    oracle, tokenizer = ctx.load_causal_lm(ctx.model_path("oracle"))
     if cfg.rule == "released":
         pairs = [with_eos(p, tokenizer.eos_token_id) for p in pairs]
-    reference, _ = load_causal_lm(run_cfg.model, device=ctx.accelerator.device)
+    reference, _ = ctx.load_causal_lm(run_cfg.model)
     scored = score_pairs(ctx.accelerator, oracle, reference, pairs, pad_id=tokenizer.pad_token_id,
                          batch_size=cfg.batch_size, chosen_ratio=cfg.chosen_ratio,
                          rejected_ratio=cfg.rejected_ratio, backend=run_cfg.backend, rule=cfg.rule)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .. import methods
 from ..context import Context
 from ..memory import peak_mib, reset_peak
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_tokenizer
 from ..trainer import read_metrics, train
 from .pipeline import fingerprint
 
@@ -27,7 +27,7 @@ def run(ctx: Context) -> dict:
     cfg, run_cfg, device = ctx.config.train, ctx.config, ctx.accelerator.device
     method = methods.get(run_cfg.method)
     policy = cfg.policy or run_cfg.model
-    model, tokenizer = load_causal_lm(policy, device=device)
+    model, tokenizer = ctx.load_causal_lm(policy)
     if cfg.policy is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(run_cfg.model), cfg.policy)
     reset_peak(device)
