@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402
 import pytest  # noqa: E402
 from jinja2.exceptions import TemplateSyntaxError  # noqa: E402
+from test_formats import assistant, user  # noqa: E402
 
 from selpo.data import load_preference_dataset, tokenize_pairs  # noqa: E402
 from selpo.data.pairs import REASONS  # noqa: E402
@@ -20,14 +21,6 @@ EMPTY = {"prompt": "Review a gym.", "chosen": " ", "rejected": "Rude staff."}
 
 def line(row):
     return json.dumps(row) + "\n"
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 @pytest.fixture(scope="module")
