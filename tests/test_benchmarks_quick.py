@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -156,6 +157,102 @@ def test_step_times_come_from_two_processes_per_variant_in_alternation(benchmark
     assert selpo["variant"] == "selpo" and selpo["times_s"] == [2.0, 3.0] and selpo["median_s"] == 2.5
     assert selpo["peak_bytes"] == 7 and selpo["peak_extra_bytes"] == 3
     assert sum(mapped for _, _, mapped in calls) == len(results) == 4
+
+
+def _number(cell):
+    """The number a table cell starts with ("1,656", "0.03 s", "453 MiB")."""
+    return float(cell.split()[0].replace(",", ""))
+
+
+def _table_rows(text, heading):
+    """The rows of the markdown table under ``heading``, as lists of cells."""
+    section = text.split(heading + "\n", 1)[1].split("\n### ", 1)[0]
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")]
+
+
+def test_layouts_part_runs_at_toy_size(tmp_path):
+    """benchmarks/training_step.py's layouts part end to end on the tiny model and the dialogue set: selpo's DPO and
+    SePO steps in each layout (two processes per method, TRL's DPOTrainer in one between them, peaks from mapped
+    ones), written into an existing report beside its other sections, which are kept. The body's tokens and
+    attention products fall from padded to packed to shared; TRL computes the padded tokens (it runs padded: TRL
+    1.16 turns ``padding_free=True`` down, and the report says so)."""
+    out = tmp_path / "RESULTS-step.md"
+    kept = "## DPO step: selpo's trainer against TRL's DPOTrainer\n\n- run: earlier\n\n| a table |"
+    out.write_text(f"# old title\n\n{kept}\n")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.training_step", "--part", "layouts", "--tiny",
+                           "--data", "dialogue", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert kept in text and text.index(kept) < text.index("## Token layouts: padded against packed against shared")
+    assert "## SePO step" not in text and "old title" not in text and "### sentiment" not in text
+    assert "median of 2 steps per layout from two fresh processes per group" in text
+    assert "asked for `padding_free=True`, answered: \"" in text and "it ran padded." in text
+    for heading, variants in (("### dialogue, DPO", ["padded", "packed", "shared", "trl"]),
+                              ("### dialogue, SePO", ["padded", "packed", "shared"])):
+        rows = {r[0]: r for r in _table_rows(text, heading)}
+        assert list(rows) == [f"selpo, {v}" if v != "trl" else "TRL DPOTrainer" for v in variants]
+        for r in rows.values():
+            assert _number(r[2]) > 0 and _number(r[4]) > 0  # timed, measured
+        tokens = [_number(rows[f"selpo, {v}"][8]) for v in ("shared", "packed", "padded")]
+        entries = [_number(rows[f"selpo, {v}"][10]) for v in ("shared", "packed", "padded")]
+        assert tokens == sorted(set(tokens)) and entries == sorted(set(entries))
+        assert rows["selpo, padded"][3] == rows["selpo, padded"][9] == "1.00×"
+        if "TRL DPOTrainer" in rows:
+            assert rows["TRL DPOTrainer"][1] == "recomputed (checkpointing)"
+            assert rows["TRL DPOTrainer"][8] == rows["selpo, padded"][8]
+    targets = text.split("### Targets", 1)[1]
+    assert targets.count("dialogue, dpo: shared step's") == 2 and targets.count("dialogue, sepo: shared step's") == 2
+
+
+def test_sentiment_micro_batch_is_the_packaged_data_tokenized(benchmarks_pkg, tmp_path):
+    """The layouts part's other data set: the first rows of the packaged training data, as selpo's data stage
+    tokenizes them (chat template, response ending with the template's end of turn)."""
+    from benchmarks import training_step
+    from selpo.data import default_data_path, load_preference_dataset
+    from selpo.models import load_tokenizer
+
+    size = training_step.tiny_size(str(tmp_path))
+    tokenizer = load_tokenizer(size.model)
+    pairs = training_step.step_pairs("sentiment", tokenizer, size)
+    rows = load_preference_dataset(default_data_path("train"))
+    assert len(pairs) == size.pairs and [p.row for p in pairs] == list(range(size.pairs))
+    for pair, row in zip(pairs, rows):
+        assert row["prompt"] in tokenizer.decode(pair.prompt_ids)
+        assert tokenizer.decode(pair.chosen_ids) == row["chosen"] + "<|im_end|>\n"
+
+
+def test_attention_check_rehearses_on_cpu(tmp_path):
+    """The GPU check of the shared layout's attention paths (``--part attention``), rehearsed on CPU with the tiny
+    model: padded and shared through SDPA in bf16 autocast agree within the check's tolerance, each timed; the
+    flash-attn path is reported as not run."""
+    out = tmp_path / "attention.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.training_step", "--part", "attention", "--device", "cpu",
+                           "--tiny", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "flash-attn's path did not run: it runs on CUDA only." in text
+    rows = {r[0]: r for r in (line.split(" | ") for line in text.splitlines() if line.startswith("| padded-sdpa")
+                                                                                  or line.startswith("| shared-"))}
+    assert list(rows) == ["| padded-sdpa", "| shared-sdpa"]
+    assert all(r[2] == "yes" and float(r[4].removesuffix(" ms")) > 0 for r in rows.values())
+
+
+def test_attention_check_fails_on_a_wrong_path(benchmarks_pkg, tmp_path, monkeypatch):
+    """The check reads the log-probs: a shared path that attends wrongly (here, every block without its prompt)
+    is outside the tolerance."""
+    from benchmarks import training_step
+    from selpo.data import packing
+
+    real = packing._segments
+
+    def without_context(kind, blocks):
+        return real(kind, [(q0, q1, c0, c0) for q0, q1, c0, _ in blocks])
+
+    monkeypatch.setattr(packing, "_segments", without_context)
+    results = training_step.attention_check("cpu", replace(training_step.tiny_size(str(tmp_path)), rounds=1))
+    assert [(r["path"], r["ok"]) for r in results] == [("padded-sdpa", True), ("shared-sdpa", False)]
 
 
 def _write_metrics(folder, losses):
