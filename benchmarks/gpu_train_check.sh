@@ -23,12 +23,13 @@
 # Parts, in order, each under its own time limit:
 #   0. the default model converted (about 30 s on 2 CPU cores, models.convert_gguf): prediction 15 s.
 #   L. the shared token layout's attention paths against padded SDPA in bf16 autocast on SmolLM2, 8 dialogues of
-#      benchmarks/dialogue_data.py (up to 1,024 tokens each): flash-attn's varlen kernel (if importable) and SDPA block
-#      by block; response log-probs checked against padded SDPA's (2^-5 of max(1, |log-prob|) per token, and the mean
-#      error to float32 at most 1.5x padded's + 2^-10), forward+backward timed (training_step.py --part attention,
-#      layouts-attention.md; exit code 1 if a path fails). Prediction 60 s: 20 s of start and imports, 10 s to load
-#      the model and draw the dialogues, 20 s of the Triton head kernels' first compilations, then 25 forwards and
-#      backwards of 4k-11k tokens (8.8 TFLOP for the padded one) at 0.1-0.3 s each; limit 120 s. It runs first, as
+#      benchmarks/dialogue_data.py (up to 1,024 tokens each): flash-attn's varlen kernel (if importable), compiled
+#      flex_attention and SDPA block by block; response log-probs checked against padded SDPA's (2^-5 of max(1,
+#      |log-prob|) per token, and the mean error to float32 at most 1.5x padded's + 2^-10), forward+backward timed
+#      (training_step.py --part attention, layouts-attention.md; exit code 1 if a path fails). Prediction 100 s: 20 s
+#      of start and imports, 10 s to load the model and draw the dialogues, 20 s of the Triton head kernels' first
+#      compilations, 40 s to compile flex's forward and backward, then 33 forwards and backwards of 4k-11k tokens
+#      (8.8 TFLOP for the padded one) at 0.1-0.3 s each; limit 150 s. It runs first, as
 #      it never ran on a GPU: it leaves the trainer's check its predicted time, but FSDP2 (part 2) may then find less
 #      than its 60 s left (GPU-NOTES.md). Rehearsed on CPU (the tiny model) by the dry run of GPU-NOTES.md.
 #   1. `selpo run` (SePO: oracle, score, policy, eval, report) in bf16 autocast with the triton backend, 3 steps of
@@ -85,7 +86,7 @@ if has layouts && [ "$(left)" -gt 60 ]; then
     part=$SECONDS
     tiny=()
     if [ "$device" = cpu ]; then tiny=(--tiny); fi
-    timeout "$(within 120)" python3 -m benchmarks.training_step --part attention --device "$device" "${tiny[@]}" \
+    timeout "$(within 150)" python3 -m benchmarks.training_step --part attention --device "$device" "${tiny[@]}" \
         --out "$out/layouts-attention.md" >> "$log" 2>&1
     echo "layouts attention check exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
 fi

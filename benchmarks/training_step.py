@@ -56,7 +56,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from unittest import mock
 
 import torch
 
@@ -497,14 +496,15 @@ def merged(job: dict, runs: list[dict], peaks: dict | None) -> dict:
 
 # ---- attention: the shared layout's attention paths, in one process (a check for a GPU) ----
 
-# path: (layout, flash-attn's varlen kernel allowed)
-ATTENTION_PATHS = {"padded-sdpa": (PADDED, False), "shared-sdpa": (SHARED, False), "shared-flash": (SHARED, True)}
+# path: (layout, segment attention's kernel: selpo.segment_attention.KERNELS; the padded path runs the model's SDPA)
+ATTENTION_PATHS = {"padded-sdpa": (PADDED, None), "shared-sdpa": (SHARED, "sdpa"), "shared-flex": (SHARED, "flex"),
+                   "shared-flash": (SHARED, "flash")}
 
 
 def attention_check(device: str, size: Size) -> list[dict]:
     """The dialogue micro-batch in bf16 autocast through each attention path: padded through SDPA, shared block by
-    block through SDPA, shared through flash-attn's varlen kernel (where ``selpo.segment_attention`` takes it:
-    flash-attn importable, CUDA). A path passes when its response log-probs are within ``ATTENTION_RTOL`` of max(1,
+    block through SDPA, and on CUDA shared through compiled flex_attention and (flash-attn importable) flash-attn's
+    varlen kernel. A path passes when its response log-probs are within ``ATTENTION_RTOL`` of max(1,
     |log-prob|) of padded SDPA's on every token (eight bf16 roundings: the paths' kernels sum in different orders
     through every layer; on SmolLM2 on CPU the shared path's largest gap was 0.6 of it), and are on average about as
     close to the float32 padded ones as padded SDPA's are (``ATTENTION_MEAN_FACTOR`` times its mean error plus
@@ -517,14 +517,14 @@ def attention_check(device: str, size: Size) -> list[dict]:
     pairs = step_pairs("dialogue", tokenizer, size)
     batches = {layout: collate_pairs(pairs, tokenizer.pad_token_id, layout).to(device) for layout in (PADDED, SHARED)}
     backend = "triton" if device == "cuda" else "torch"
-    flash_runs = segment_attention._FLASH and device == "cuda"
-    paths = [p for p, (_, flash) in ATTENTION_PATHS.items() if flash_runs or not flash]
+    runs_here = {None, "sdpa"} | ({"flex"} if device == "cuda" else set()) \
+        | ({"flash"} if device == "cuda" and segment_attention._FLASH else set())
+    paths = [p for p, (_, kernel) in ATTENTION_PATHS.items() if kernel in runs_here]
 
     def logps(path: str, bf16: bool = True) -> torch.Tensor:
-        layout, flash = ATTENTION_PATHS[path]
+        layout, kernel = ATTENTION_PATHS[path]
         batch = batches[layout]
-        with mock.patch.object(segment_attention, "_FLASH", flash), \
-                torch.autocast(device, torch.bfloat16, enabled=bf16):
+        with segment_attention.attention_kernel(kernel), torch.autocast(device, torch.bfloat16, enabled=bf16):
             hidden, head = response_states(model, batch)
             return linear_logprobs(hidden, head.weight, batch.targets, backend=backend, **head.op_kwargs()).float()
 
@@ -578,7 +578,7 @@ def attention_report(results: list[dict], device: str, size: Size, command: str,
     padded = results[0]
     flash = "" if any(r["path"] == "shared-flash" for r in results) else (
         " flash-attn's path did not run: " + ("flash-attn is not importable here." if device == "cuda"
-                                              else "it runs on CUDA only."))
+                                              else "it runs on CUDA only, as compiled flex does."))
     lines = [f"# The shared layout's attention paths against padded SDPA ({device}, bf16 autocast)", "",
              f"- {run_line(device, command)}",
              f"- batch: the first {size.pairs} dialogues of benchmarks/dialogue_data.py (seed 0, {size.dialogue}); "

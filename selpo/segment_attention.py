@@ -23,27 +23,39 @@ heads. A bidirectional layer (``is_causal`` False), an additive ``position_bias`
 (bidirectional, chunked or block overlays) raise, so ``selpo.packing_check`` sends such a model to the padded path.
 
 Work: per block, (its context + its queries) x its queries, causally: a prompt's triangle, a response's
-(prompt + response) x response; never (tokens of the row)^2. Paths:
+(prompt + response) x response; never (tokens of the row)^2. Kernels (``KERNELS``), the first that can run a call
+unless ``attention_kernel`` names one:
 
-- CUDA with flash-attn 2 importable, half precision, no sinks: one ``flash_attn_varlen_func`` over the row, each
-  block's keys (its context gathered before its own) at ``cu_seqlens_k``, ``causal=True`` (bottom-right aligned).
-- Otherwise, block by block: ``scaled_dot_product_attention``, or where it cannot express an option (softcap,
-  sinks) the same computation written out. Memory: one block's scores at a time, heads x n_q x n_k for the largest
-  (prompt + response) x response block, plus its [n_q, n_k] boolean mask; the written-out path keeps each block's
-  probabilities for the backward as eager attention does (heads x ``Segments.score_entries`` in all). Both paths
-  gather the keys and values once ([heads, sum of the blocks' key counts, head_dim], at most 1 + K times the row).
+- ``flash``: CUDA with flash-attn 2 importable (the ``flash`` extra), half precision, no sinks: one
+  ``flash_attn_varlen_func`` over the row, each block's keys (its context gathered before its own) at
+  ``cu_seqlens_k``, ``causal=True`` (bottom-right aligned). Memory: the gathered keys and values, no scores.
+- ``flex``: CUDA, no sinks, no dropout: torch's compiled ``flex_attention`` over the row with a block mask from the
+  blocks (a key is seen when it is in the query's context or at or before it in its own block, within the window
+  in positions), softcap as a score modification. Memory: no scores and no gather; the block mask, about
+  (L / 128)^2 indices. Work: the 128 x 128 tiles the blocks touch, so short responses pay for partly used tiles.
+  Torch runs it on CPU only uncompiled (the whole [L, L] score matrix) and without a backward: there it runs
+  only when named, as a reference.
+- ``sdpa``, everywhere: block by block, ``scaled_dot_product_attention``, or where it cannot express an option
+  (softcap, sinks) the same computation written out. Memory: one block's scores at a time, heads x n_q x n_k for
+  the largest (prompt + response) x response block, plus its [n_q, n_k] boolean mask; the written-out path keeps
+  each block's probabilities for the backward as eager attention does (heads x ``Segments.score_entries`` in all).
+  Like ``flash`` it gathers the keys and values once ([heads, sum of the blocks' key counts, head_dim], at most
+  1 + K times the row).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib.util
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -51,8 +63,10 @@ from .data.packing import Segments
 from .head import last_hidden_states
 
 NAME = "selpo_segments"
+KERNELS = ("flash", "flex", "sdpa")
 _FLASH = importlib.util.find_spec("flash_attn") is not None
 _SEGMENTS: contextvars.ContextVar[Segments | None] = contextvars.ContextVar("selpo_segments", default=None)
+_KERNEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("selpo_attention_kernel", default=None)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,21 @@ class SegmentMask:
 
     segments: Segments
     window: int | None
+    # What the layers of one forward (and its replay in the backward) share: the flex kernel's block masks.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@contextmanager
+def attention_kernel(kernel: str | None):
+    """Within the block, segment attention runs through ``kernel`` (one of ``KERNELS``; None: the first that can
+    run each call) and raises where it cannot, saying why: for comparing the kernels, and for users who need one."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    token = _KERNEL.set(kernel)
+    try:
+        yield
+    finally:
+        _KERNEL.reset(token)
 
 
 def segmented_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -162,8 +191,11 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     options = dict(scaling=query.shape[-1] ** -0.5 if scaling is None else scaling, dropout=dropout,
                    window=asked if window is None else window, softcap=softcap)
     sink = s_aux if sinks is None else sinks
-    if _flash_path(query, value, sink):
+    kernel = _choose_kernel(query, value, sink, dropout)
+    if kernel == "flash":
         return _flash(query, key, value, segments, **options), None
+    if kernel == "flex":
+        return _flex(query, key, value, attention_mask, **options), None
     return _blockwise(query, key, value, segments, sink=sink, **options), None
 
 
@@ -171,10 +203,35 @@ AttentionInterface.register(NAME, segment_attention_forward)
 AttentionMaskInterface.register(NAME, segment_mask)
 
 
-def _flash_path(query: torch.Tensor, value: torch.Tensor, sink: torch.Tensor | None) -> bool:
-    """Whether flash-attn's varlen kernel can run this call: CUDA, half precision, no sinks, one head dim <= 256."""
-    return (_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and sink is None
-            and query.shape[-1] == value.shape[-1] <= 256)
+def _choose_kernel(query: torch.Tensor, value: torch.Tensor, sink: torch.Tensor | None, dropout: float) -> str:
+    """The kernel ``attention_kernel`` names, else flash, flex, sdpa: the first that can run this call."""
+    named = _KERNEL.get()
+    if named is not None:
+        reason = _cannot(named, query, value, sink, dropout)
+        if reason:
+            raise ValueError(f"attention kernel {named!r} cannot run this call: {reason}")
+        return named
+    return next(k for k in KERNELS if not _cannot(k, query, value, sink, dropout) and (k != "flex" or query.is_cuda))
+
+
+def _cannot(kernel: str, query: torch.Tensor, value: torch.Tensor, sink: torch.Tensor | None,
+            dropout: float) -> str | None:
+    """Why ``kernel`` cannot run this call, None if it can."""
+    if kernel == "flash":
+        if not _FLASH:
+            return "flash-attn is not installed (pip install 'selpo[flash]')"
+        if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn runs on CUDA in half precision, got {query.dtype} on {query.device.type}"
+        if query.shape[-1] != value.shape[-1] or query.shape[-1] > 256:
+            return f"flash-attn takes one head dim of at most 256, got {query.shape[-1]} and {value.shape[-1]}"
+    if kernel in ("flash", "flex") and sink is not None:
+        return "the model's attention sinks"
+    if kernel == "flex":
+        if dropout:
+            return "attention dropout"
+        if not query.is_cuda and (query.requires_grad or value.requires_grad):
+            return "torch's flex_attention has no backward on CPU"
+    return None
 
 
 def _flash(query, key, value, segments: Segments, *, scaling, dropout, window, softcap) -> torch.Tensor:
@@ -192,6 +249,54 @@ def _flash(query, key, value, segments: Segments, *, scaling, dropout, window, s
         softcap=0.0 if softcap is None else softcap)
     poisoned = out.new_full((query.shape[2], *out.shape[1:]), float("nan"))
     return poisoned.index_copy(0, segments.query_index, out)[None]
+
+
+def _flex(query, key, value, mask: SegmentMask, *, scaling, dropout, window, softcap) -> torch.Tensor:
+    """[1, L, H, d_v] through torch's ``flex_attention`` over the row (compiled on CUDA), its block mask built
+    once per window and mask (``_flex_block_mask``) and shared by the layers."""
+    segments, n = mask.segments, mask.segments.length
+    if ("flex", window) not in mask.cache:
+        mask.cache["flex", window] = _flex_block_mask(segments, window, query.device)
+
+    def soft_capped(score, b, h, q, kv):
+        return torch.tanh(score / softcap) * softcap
+
+    run = _compiled_flex() if _compiles(query.device) else flex_attention
+    with warnings.catch_warnings():  # uncompiled (the CPU reference) it warns of the scores it builds
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
+        out = run(query[:, :, :n], key[:, :, :n], value[:, :, :n], score_mod=None if softcap is None else soft_capped,
+                  block_mask=mask.cache["flex", window], scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    if n < query.shape[2]:  # queries no block holds stay poisoned
+        out = torch.cat([out, out.new_full((*out.shape[:2], query.shape[2] - n, out.shape[3]), float("nan"))], 2)
+    return out.transpose(1, 2)
+
+
+def _compiles(device: torch.device) -> bool:
+    """Whether flex runs compiled (fused, no score matrix) on ``device``: on CUDA, where it also has a backward."""
+    return device.type == "cuda"
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention)
+
+
+def _flex_block_mask(segments: Segments, window: int | None, device: torch.device) -> BlockMask:
+    """The block mask of ``segments``' row (its first ``length`` tokens): query i of block b sees key j
+    in b's context or in ``[b's first query, i]``, and, with a window, only where the positions differ by less."""
+    starts, stops, context_starts, context_stops = (torch.tensor(x, device=device)
+                                                    for x in zip(*segments.blocks))
+    block_of = torch.repeat_interleave(torch.arange(len(segments.blocks), device=device), stops - starts)
+    # A token's position in its block's keys: after its block's context, then its place among the queries.
+    position = torch.arange(segments.length, device=device) + (context_stops - context_starts - starts)[block_of]
+
+    def seen(b, h, q, kv):
+        block = block_of[q]
+        allowed = ((kv >= starts[block]) & (kv <= q)) | ((kv >= context_starts[block]) & (kv < context_stops[block]))
+        return allowed if window is None else allowed & (position[q] - position[kv] < window)
+
+    n = segments.length
+    return create_block_mask(seen, 1, None, n, n, device=device, _compile=_compiles(device))
 
 
 def _blockwise(query, key, value, segments: Segments, *, scaling, dropout, window, softcap, sink) -> torch.Tensor:

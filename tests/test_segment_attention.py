@@ -1,7 +1,8 @@
 """The attention that follows a packed or shared row, against dense attention over the whole row under the mask
 the layout means (built here from the pairs' lengths, not from the blocks): values and gradients, every option
 transformers passes, the flash-attn path's varlen arguments (through a stand-in kernel with flash-attn 2's
-documented semantics), outputs that start poisoned, the mask check, and the implementation switch."""
+documented semantics), the flex path's block mask (its forward, which torch runs uncompiled on CPU), the choice of
+kernel and what each refuses, outputs that start poisoned, the mask check, and the implementation switch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ from transformers import masking_utils
 import selpo.segment_attention as sa
 from selpo.data.packing import pack_row
 from selpo.packing_check import packing_check
-from selpo.segment_attention import NAME, SegmentMask, segment_attention, segment_attention_forward, segment_mask
+from selpo.segment_attention import (
+    NAME,
+    SegmentMask,
+    attention_kernel,
+    segment_attention,
+    segment_attention_forward,
+    segment_mask,
+)
 
 TOL = 1e-5
 # Groups of (prompt length, response lengths): uneven, a one-token response, K = 3.
@@ -165,8 +173,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 @pytest.fixture
 def stand_in_flash(monkeypatch):
+    """flash-attn's path on CPU: the stand-in kernel, named, with what keeps it to CUDA lifted."""
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
-    monkeypatch.setattr(sa, "_flash_path", lambda *args: True)
+    cannot = sa._cannot
+    monkeypatch.setattr(sa, "_cannot", lambda kernel, *args: None if kernel == "flash" else cannot(kernel, *args))
+    with attention_kernel("flash"):
+        yield
 
 
 @pytest.mark.parametrize("kind", ["shared", "packed"])
@@ -180,7 +192,66 @@ def test_the_flash_path_builds_the_varlen_arguments_flash_attn_needs(stand_in_fl
     assert float((out.detach().double() - expected.detach()).abs().max()) <= TOL
 
 
-@pytest.mark.parametrize("path", ["blockwise", "flash"])
+FLEX_CASES = [c for c in CASES if "sinks" not in c]
+
+
+@pytest.mark.parametrize("kind", ["shared", "packed"])
+@pytest.mark.parametrize("case", FLEX_CASES, ids=FLEX_CASES)
+@torch.no_grad()
+def test_the_flex_path_equals_dense_attention_under_the_layouts_mask(kind, case):
+    """The flex kernel's forward, uncompiled on CPU (torch has no CPU backward for it): its block mask and score
+    modification against the dense reference; the block mask built once for the layers that share the mask."""
+    options = dict(CASES[case])
+    segments, pos, dense = layout(kind)
+    q, k, v = (x.detach() for x in inputs(segments.length, kv_heads=options.pop("kv_heads", 2),
+                                          v_dim=options.pop("v_dim", 8)))
+    mask = SegmentMask(segments, options.pop("mask_window", None))
+    with attention_kernel("flex"):
+        out = segment_attention_forward(torch.nn.Module(), q, k, v, mask, **options)[0]
+        again = segment_attention_forward(torch.nn.Module(), q, k, v, mask, **options)[0]
+    window = options.get("sliding_window", mask.window)
+    expected = reference(q, k, v, dense, pos, scaling=options.get("scaling", q.shape[-1] ** -0.5), window=window,
+                         softcap=options.get("softcap"))
+    assert float((out.double() - expected).abs().max()) <= TOL
+    assert torch.equal(out, again) and list(mask.cache) == [("flex", window)]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_compiled_flex_path_equals_the_uncompiled_one(monkeypatch):
+    """What CUDA runs, compiled by inductor (here for the CPU, forward only: about a minute): the block mask built
+    by ``create_block_mask(_compile=True)`` and the fused kernel with a window and softcap."""
+    segments, _, _ = layout("shared")
+    q, k, v = (x.detach() for x in inputs(segments.length))
+    options = dict(sliding_window=4, softcap=1.5)
+    with attention_kernel("flex"):
+        eager = segment_attention_forward(torch.nn.Module(), q, k, v, SegmentMask(segments, None), **options)[0]
+        monkeypatch.setattr(sa, "_compiles", lambda device: True)
+        compiled = segment_attention_forward(torch.nn.Module(), q, k, v, SegmentMask(segments, None), **options)[0]
+    assert float((compiled - eager).abs().max()) <= TOL
+
+
+def test_each_kernel_runs_where_it_can_and_a_named_one_says_why_it_cannot(monkeypatch):
+    segments, _, _ = layout("shared")
+    q, k, v = inputs(segments.length)
+    mask = SegmentMask(segments, None)
+    monkeypatch.setattr(sa, "_FLASH", True)  # importable or not, flash-attn's kernel is CUDA's
+    assert sa._choose_kernel(q, v, None, 0.0) == "sdpa"  # flex only compiled: on CUDA
+    for kernel, options, match in [("flash", {}, "runs on CUDA in half precision"),
+                                   ("flex", {}, "no backward on CPU"),
+                                   ("flex", dict(dropout=0.1), "attention dropout"),
+                                   ("flex", dict(s_aux=q[0, :, 0, 0].detach()), "attention sinks")]:
+        with attention_kernel(kernel), pytest.raises(ValueError, match=f"{kernel}.*{match}"):
+            segment_attention_forward(torch.nn.Module(), q, k, v, mask, **options)
+    monkeypatch.setattr(sa, "_FLASH", False)
+    with attention_kernel("flash"), pytest.raises(ValueError, match="flash-attn is not installed"):
+        segment_attention_forward(torch.nn.Module(), q.half(), k.half(), v.half(), mask)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with attention_kernel("xformers"):
+            pass
+
+
+@pytest.mark.parametrize("path", ["blockwise", "flash", "flex"])
 def test_outputs_start_poisoned(stand_in_flash, path):
     """A block the loop or the kernel skips leaves its tokens NaN instead of zeros."""
     segments, _, _ = layout("shared")
@@ -192,6 +263,8 @@ def test_outputs_start_poisoned(stand_in_flash, path):
     options = dict(scaling=0.3, dropout=0.0, window=None, softcap=None)
     if path == "flash":
         out = sa._flash(q, k, v, skipped, **options)
+    elif path == "flex":
+        out = sa._flex(q.detach(), k.detach(), v.detach(), SegmentMask(skipped, None), **options)
     else:
         out = sa._blockwise(q, k, v, skipped, sink=None, **options)
     assert out.shape[1] == segments.length > cut
