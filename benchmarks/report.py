@@ -127,6 +127,10 @@ def targets(records, plan: Plan):
             *vs(lp, "fwd+bwd", ours, "floor"), limit=1.08)
     add(f"linear_logprobs forward+backward, {ours}: time ≤ 1.0× naive eager", *vs(lp, "fwd+bwd", ours, "naive"),
         limit=1.0)
+    add(f"linear_logprobs forward, {ours}: time relative to TRL's fused head (`trl-chunked`)",
+        *vs(lp, "fwd", ours, "trl-chunked"))
+    add(f"linear_logprobs forward+backward, {ours}: time ≤ {0.95 if gpu else 0.6}× TRL's fused head (`trl-chunked`)",
+        *vs(lp, "fwd+bwd", ours, "trl-chunked"), limit=0.95 if gpu else 0.6)
     if gpu:
         add(f"linear_logprobs forward+backward, {ours}: time ≤ 0.85× `liger-flce`",
             *vs(lp, "fwd+bwd", ours, "liger-flce"), limit=0.85)
@@ -139,6 +143,8 @@ def targets(records, plan: Plan):
         *vs(loss, "fwd+bwd", fused, "floor"), limit=1.2 if gpu else 1.15)
     add(f"selective loss, `{fused}`: time ≤ {0.30 if gpu else 1.0}× CCE given only the selected tokens (its best here)",
         *vs_best(loss, "fwd+bwd", fused, ("cce-compile-sel", "cce-sel")), limit=0.30 if gpu else 1.0)
+    add(f"selective loss, `{fused}`: time ≤ {0.35 if gpu else 0.15}× TRL's fused head on every token, then SePO",
+        *vs(loss, "fwd+bwd", fused, "trl-chunked"), limit=0.35 if gpu else 0.15)
     add(f"linear_logprobs backward, {ours}: gradient on 30% of rows ≤ 0.4× every row",
         ratio(get(lp, "bwd-30%", ours), get(lp, "bwd", ours)), limit=0.4)
     if gpu:

@@ -14,11 +14,15 @@ import os
 
 import torch
 
+from . import ledger
+
 BACKENDS = ("auto", "triton", "torch", "naive")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("triton", "torch" or "naive") for tensors on ``device``."""
+    """The concrete backend ("triton", "torch" or "naive") for tensors on ``device`` (in a dry run, the device
+    type it models: ``ledger.route_device``)."""
+    device = ledger.route_device(device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -3,8 +3,12 @@
 selpo's GEMMs run in cuBLAS; its Triton kernels are the memory-bound passes. For each kernel and target
 (sm_80, sm_90): shared memory, registers and stack bytes (spills live there, from cuobjdump), whether its
 global loads are 16-byte vectors (``ld.global...v4``) and how many of its programs fit on one SM at once
-(by registers and shared memory). Run as a script without TRITON_INTERPRET (tests/test_compile.py does);
-prints JSON, or a markdown table with --markdown.
+(by registers and shared memory). For the loops that stream a logits tile, instructions per element: the SASS
+instructions of the loop's body (from a backward branch's target to the branch) over the elements one thread
+folds per trip. Too many make a pass issue-bound: an H200 streams 2.4 T bf16 elements per second (4.8 TB/s)
+and issues at most 33 T thread instructions (132 SMs x 128 lanes x 1.98 GHz), 14 per element with no stall.
+Run as a script without TRITON_INTERPRET (tests/test_compile.py does); prints JSON, or a markdown table with
+--markdown.
 """
 
 import json
@@ -31,16 +35,24 @@ SM_SHARED = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
 SM_BLOCKS = 32
 
 
+# Elements one thread folds per trip of the loop, for the kernels whose instructions per element are counted.
+LOOP_ELEMENTS = {passes._merge_lse_kernel: passes.BLOCK_V // (32 * passes.NUM_WARPS)}
+
+
 def kernel_specs():
     """(name, jit function, signature, constexprs, compile options, streams a logits tile)."""
     specs = []
     flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True)
     warps = {"num_warps": passes.NUM_WARPS}
     for dtype in ("bf16", "fp16", "fp32"):
-        specs.append((f"streaming.merge_lse[{dtype}]", passes._merge_lse_kernel,
-                      {"x_ptr": f"*{dtype}", "ld": "i32", "W": "i32", "b_ptr": f"*{dtype}", "m_ptr": "*fp32",
-                       "s_ptr": "*fp32", "temperature": "fp32", "softcap": "fp32"},
-                      {**flags, "BLOCK_V": passes.BLOCK_V}, warps, True))
+        vec = 16 // {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+        plain = dict(HAS_BIAS=False, HAS_SOFTCAP=False, SPLIT=False)
+        for extras, options in (("", plain), ("+split", {**plain, "SPLIT": True}),
+                                ("+bias+softcap", {**flags, "SPLIT": False})):
+            specs.append((f"streaming.merge_lse[{dtype}{extras}]", passes._merge_lse_kernel,
+                          {"x_ptr": f"*{dtype}", "ld": "i32", "W": "i32", "span": "i32", "b_ptr": f"*{dtype}",
+                           "m_ptr": "*fp32", "s_ptr": "*fp32", "temperature": "fp32", "softcap": "fp32"},
+                          {**options, "BLOCK_V": passes.BLOCK_V, "VEC": vec}, warps, True))
         specs.append((f"streaming.grad_logits[{dtype}]", passes._grad_logits_kernel,
                       {"x_ptr": f"*{dtype}", "ld": "i32", "W": "i32", "v0": "i32", "b_ptr": f"*{dtype}",
                        "tgt_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32", "temperature": "fp32",
@@ -50,6 +62,9 @@ def kernel_specs():
                        "tgt_ptr": "*i64", "out_ptr": "*fp32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
                        "temperature": "fp32", "softcap": "fp32"}, {**flags, "BLOCK_D": passes.BLOCK_D}, warps,
                       True))
+    specs.append(("streaming.merge_parts", passes._merge_parts_kernel,
+                  {"parts_ptr": "*fp32", "m_ptr": "*fp32", "s_ptr": "*fp32", "R": "i32", "P": "i32"},
+                  {"BLOCK_R": passes.PARTS_ROWS, "BLOCK_P": 16}, {"num_warps": 4}, False))
     cfg = logits_lp.launch_config(151936)
     for dtype in ("fp32", "bf16"):
         common = {"tgt_ptr": "*i64", "lse_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "temperature": "fp32"}
@@ -73,14 +88,29 @@ def kernel_specs():
     return specs
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """Registers and stack bytes (spills live there) as read by Triton's bundled cuobjdump."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled cuobjdump prints for the cubin with ``flag``."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def loop_instructions(sass: str) -> int:
+    """SASS instructions of the longest loop: from a backward branch's target to the branch, both counted."""
+    code = [(int(addr, 16), text) for addr, text in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, re.M)]
+    loops = [(int(target, 16), at) for at, text in code
+             for target in re.findall(r"\bBRA (0x[0-9a-f]+)", text) if int(target, 16) < at]
+    if not loops:
+        raise ValueError("no loop in the SASS")
+    return max(sum(lo <= at <= hi for at, _ in code) for lo, hi in loops)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes (spills live there) as read by cuobjdump."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     return {"registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)), "local_bytes": int(usage.group(3))}
 
@@ -90,7 +120,7 @@ def resource_usage(cubin: bytes) -> dict:
 # no GPU, nothing tells the compiler what the JIT learns from real arguments (16-byte-aligned pointers, these
 # multiples of 16); without the hints it cannot prove alignment, and it would report narrow loads that the
 # kernels that run do not make.
-ALIGNED_INTS = {"D", "stride_h", "stride_w", "ld", "W"}
+ALIGNED_INTS = {"D", "stride_h", "stride_w", "ld", "W", "span"}
 
 
 def alignment_hints(signature: dict) -> dict:
@@ -112,23 +142,26 @@ def report():
         for arch, target in TARGETS:
             source = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=alignment_hints(sig))
             compiled = triton.compile(source, target=target, options=options)
-            ptx = compiled.asm["ptx"]
-            usage = resource_usage(compiled.asm["cubin"])
+            ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+            usage = resource_usage(cubin)
+            per_element = (loop_instructions(cuobjdump(cubin, "-sass")) / LOOP_ELEMENTS[fn] if fn in LOOP_ELEMENTS
+                           else None)
             rows.append({"kernel": name, "arch": arch, "shared_bytes": compiled.metadata.shared,
                          "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v4\.", ptx)),
                          "programs_per_sm": programs_per_sm(arch, usage["registers"], compiled.metadata.shared,
                                                             options["num_warps"]),
-                         "streams_logits": streams, **usage, **options})
+                         "instructions_per_element": per_element, "streams_logits": streams, **usage, **options})
     return rows
 
 
 def markdown(rows):
-    lines = ["| kernel | arch | warps | shared (B) | registers | stack (B) | 16-byte loads | programs / SM |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | warps | shared (B) | registers | stack (B) | 16-byte loads | programs / SM "
+             "| instructions / element |", "|---|---|---|---|---|---|---|---|---|"]
     yes = {True: "yes", False: "no"}
     for r in rows:
+        per_element = "" if r["instructions_per_element"] is None else f"{r['instructions_per_element']:.1f}"
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['shared_bytes']} | {r['registers']} "
-                     f"| {r['stack_bytes']} | {yes[r['vector_loads']]} | {r['programs_per_sm']} |")
+                     f"| {r['stack_bytes']} | {yes[r['vector_loads']]} | {r['programs_per_sm']} | {per_element} |")
     return "\n".join(lines)
 
 

@@ -308,3 +308,101 @@ def test_compare_report_gives_each_gain_its_paired_standard_error(benchmarks_pkg
     text = compare_report.report(tmp_path / "compare", tmp_path / "C.md", tmp_path / "f.png", "selpo compare")
     assert "Separated from the initial model: dpo-train.beta=0.1." in text and "1 not finished" in text
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("family", "mode", "impl"), [
+    ("linear_logprobs", "fwd", "trl-chunked"), ("linear_logprobs", "fwd+bwd", "trl-chunked"),
+    ("selective_loss", "fwd+bwd", "trl-chunked"), ("selective_loss", "fwd+bwd", "trl-chunked-sel")])
+def test_trl_fused_head_peer_matches_float64(benchmarks_pkg, family, mode, impl):
+    """TRL's fused head as the suite calls it: log-probs (or the SePO loss) and both gradients within the float32
+    tolerance of the float64 reference, so that a wrong argument to ChunkedLogProbFunction fails here."""
+    fam, case, x, outputs, expect = run_checked(benchmarks_pkg, family, mode, impl)
+    assert set(expect) <= set(outputs)
+    assert fam.error(outputs, expect, case, x) < benchmarks_pkg[1].TOL["float32"]
+
+
+def test_trl_fused_head_peer_leaves_ignored_rows_out(benchmarks_pkg):
+    """With targets of -100 (the selected-only SePO variant), only the other rows go through TRL's head: their
+    log-probs are the reference's, the ignored rows' are 0 and get no gradient."""
+    from benchmarks import peers
+
+    cases, harness, inputs, reference, _ = benchmarks_pkg
+    case = harness.Case(family="linear_logprobs", mode="fwd+bwd", n=64, d=16, v=96, dtype="float32", device="cpu",
+                        rounds=1, seg_len=16)
+    x = inputs.Inputs(case)
+    hidden = x.hidden.clone().requires_grad_()
+    logp = peers.trl_chunked_logprobs()(hidden, x.weight, torch.where(x.mask, x.targets, -100))
+    logp.sum().backward()
+    ref = reference.Float64(x).logp()
+    assert torch.allclose(logp[x.mask].double(), ref[x.mask], atol=1e-5) and not logp[~x.mask].any()
+    assert not hidden.grad[~x.mask].any() and hidden.grad[x.mask].abs().sum() > 0
+
+
+def copy_of_the_working_tree(dest) -> None:
+    """What a GPU lease's call sends: the tracked files and the untracked ones git does not ignore."""
+    import shutil
+
+    try:
+        names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):  # no git: the tree less what .gitignore names
+        shutil.copytree(REPO, dest, symlinks=True, ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "runs", "__pycache__", "*.egg-info", ".*cache", ".hypothesis", ".benchmarks",
+            ".gpu1", ".gpu2"))
+        return
+    for name in filter(None, names):
+        if os.path.lexists(os.path.join(REPO, name)):  # a tracked file deleted in the working tree is left out
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name), follow_symlinks=False)
+
+
+@pytest.mark.slow  # about 2 minutes of CPU (3 on the 2-core machine beside other work): .ci/run's `pytest -m slow`
+def test_gpu_check_rehearsal_runs_every_step(tmp_path):
+    """benchmarks/gpu_check.sh with GPU_CHECK_REHEARSAL=1 on a copy of the working tree, as a lease runs it: the
+    selpo/kernels link, the carried wheels installed offline where not importable, the dL/dhidden path, the three
+    suite calls (the SePO loss case first, records appended, one line per implementation), the ledger's --measure
+    and the op tests under xdist, each exiting 0, everything written under the output folder, the link removed."""
+    tree, out = tmp_path / "tree", tmp_path / "out"
+    copy_of_the_working_tree(tree)
+    assert not (tree / "selpo" / "kernels").exists()
+    env = dict(os.environ, GPU_CHECK_REHEARSAL="1", GPU_CHECK_WORK=str(tmp_path / "work"),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("SELPO_GPU_IMPLS", None)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "bench.log", "gpu-check.log", "ledger.md",
+                                                     "results-cpu.jsonl", "tests-cpu.log"]
+    assert "dL/dhidden path on cpu: " in log and "linked selpo/kernels -> ../kernels" in log
+    assert "exit codes: setup:0 SePO loss:0 log-probs forward+backward:0 log-probs forward:0 ledger:0 op tests:0" in log
+    assert "exit codes: setup:0 SePO loss:0" in (out / "gpu-check.log").read_text()
+    assert not (tree / "selpo" / "kernels").exists()
+    records = [json.loads(line) for line in (out / "results-cpu.jsonl").read_text().splitlines()]
+    order = list(dict.fromkeys(r["case_id"] for r in records))
+    assert order == [f"{family}-N512-D64-V4096-float32" for family in
+                     ("selective_loss-fwd+bwd", "linear_logprobs-fwd+bwd", "linear_logprobs-fwd")]
+    impls = {(r["case_id"].split("-")[0], r["impl"]) for r in records}
+    assert {("selective_loss", k) for k in ("selpo-fused-triton", "naive", "cce", "cce-sel", "trl-chunked",
+                                             "trl-chunked-sel", "floor")} <= impls
+    assert {("linear_logprobs", k) for k in ("selpo-triton", "naive", "liger-flce", "cce", "trl-chunked",
+                                              "floor")} <= impls
+    assert not {k for _, k in impls} & {"selpo-torch", "selpo-fused-torch", "naive-compile", "cce-compile",
+                                          "liger-simpo"}
+    for r in records:  # each printed as its test ended
+        assert f"{r['case_id']} {r['impl']}: " in log
+    assert all(r["status"] == "ok" for r in records if r["impl"] in ("naive", "trl-chunked", "floor"))
+    assert "passed" in (out / "tests-cpu.log").read_text() and "| SePO loss" in (out / "ledger.md").read_text()
+
+
+def test_trl_fused_head_is_selectable_and_paired(benchmarks_pkg):
+    """`--impls trl-chunked,trl-chunked-sel` picks TRL's fused head in each headline case it runs in, and selpo's
+    implementation that answers a target against it times it in alternation, on CPU and on CUDA."""
+    cases = benchmarks_pkg[0]
+    items = cases.selected(cases.plan("full", "cpu"), "N4096-D576-V49152", "trl-chunked,trl-chunked-sel")
+    assert sorted((c.family, c.mode, i.key) for c, i in items) == [
+        ("linear_logprobs", "fwd", "trl-chunked"), ("linear_logprobs", "fwd+bwd", "trl-chunked"),
+        ("selective_loss", "fwd+bwd", "trl-chunked"), ("selective_loss", "fwd+bwd", "trl-chunked-sel")]
+    for device in ("cpu", "cuda"):
+        paired = {(c.family, c.mode) for c in cases.plan("full", device).cases() if "trl-chunked" in c.paired}
+        assert paired == {("linear_logprobs", "fwd"), ("linear_logprobs", "fwd+bwd"), ("selective_loss", "fwd+bwd")}

@@ -2,22 +2,31 @@
 
 On a GPU each one stalls the CPU until the device catches up. They are counted as the ATen calls that hand a
 device value to the host (``nonzero``, whose output size is data-dependent, and ``_local_scalar_dense``,
-behind ``.item()``, ``int()`` and ``bool()``), plus ``Tensor.tolist``, which PyTorch does not dispatch.
+behind ``.item()``, ``int()`` and ``bool()``), plus ``Tensor.tolist``, which PyTorch does not dispatch, and
+the host-to-device copies (a blocking copy from pageable host memory waits for the stream too).
 """
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, DEVICE
 from helpers import cu_seqlens
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from selpo.kernels import linear_logprobs, linear_selective_loss, logprobs_from_logits, token_scores, topk_mask
+from selpo.kernels import ledger, linear_logprobs, linear_selective_loss, logprobs_from_logits, token_scores, topk_mask
+from selpo.kernels.streaming import plan
 
 SYNCING = {"nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal", "masked_select", "unique", "_unique2"}
+COPIES = {"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"}
 
 
 class CountSyncs(TorchDispatchMode):
-    """Counts the host synchronisations made inside the block (``self.calls``: their names, in order)."""
+    """Counts the host synchronisations made inside the block (``self.calls``: their names, in order), the
+    host-to-device copies among them.
+
+    A copy is host data reaching a tensor on the tests' device: a tensor made there from Python values (aten
+    ``lift_fresh``, behind ``torch.tensor``), or a copy from a CPU tensor to another device. On a CPU the host
+    is the device, so each tensor made from Python values counts, as it would be a copy on a GPU: the count is
+    the same on both."""
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -31,9 +40,15 @@ class CountSyncs(TorchDispatchMode):
         monkeypatch.setattr(torch.Tensor, "tolist", counted)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in SYNCING:
-            self.calls.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in SYNCING:
+            self.calls.append(name)
+        out = func(*args, **(kwargs or {}))
+        if name == "lift_fresh" and out.device.type == torch.device(DEVICE).type:
+            self.calls.append(name)
+        elif name in COPIES and out.device.type != "cpu" and (args[1] if name == "copy_" else args[0]).is_cpu:
+            self.calls.append(name)
+        return out
 
 
 def syncs(monkeypatch, fn) -> list[str]:
@@ -73,19 +88,23 @@ def test_linear_logprobs_and_token_scores(backend, pairs, monkeypatch):
 def test_linear_selective_loss(backend, loss, pairs, monkeypatch):
     """Targets and boundaries checked (one each), every response holding a selected token (sepo, simpo: one),
     the selected rows (one) and their boundaries, which cut the work into chunks of pairs (one); the
-    gradients are formed there, so the backward has none, and no chunk adds any."""
+    gradients are formed there, so the backward has none, and no chunk adds any: the chunks' boundaries reach
+    the device in one copy (lift_fresh), however many chunks (here about one per pair)."""
     hidden, weight, targets, cu = batch(pairs)
+    monkeypatch.setattr(plan, "LOSS_BUFFER_BYTES", dict.fromkeys(("cpu", "cuda"), 8 * weight.shape[0] * 4))
     mask = torch.rand(hidden.shape[0]) < 0.4
     mask[cu[:-1].long()] = True
     ref = torch.randn(hidden.shape[0])
     out = {}
 
     def call():
-        out["loss"] = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss=loss, ref_logps=ref,
-                                            backend=backend)[0]
+        with ledger.counting() as out["book"]:
+            out["loss"] = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss=loss, ref_logps=ref,
+                                                backend=backend)[0]
 
     counting = ["nonzero"] if loss in ("sepo", "simpo") else []
-    assert syncs(monkeypatch, call) == ["_local_scalar_dense", "tolist", *counting, "nonzero", "tolist"]
+    assert syncs(monkeypatch, call) == ["_local_scalar_dense", "tolist", *counting, "nonzero", "tolist", "lift_fresh"]
+    assert len([e for e in out["book"].gemms() if e.name == "logits"]) >= pairs // 2  # several chunks
     assert syncs(monkeypatch, lambda: out["loss"].backward()) == []
 
 

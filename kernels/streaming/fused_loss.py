@@ -3,10 +3,11 @@
 A pairwise loss couples the tokens of a pair only through the pair's own reward, so once a chunk holds
 every selected token of its pairs, the loss of those pairs and dL/dlogp of their tokens are known while
 their logits are still in the buffer. Per chunk: one GEMM writes the selected rows' logits over the whole
-vocabulary, a pass folds their log-sum-exps, the loss and dL/dlogp come from the [rows] log-probs, a pass
-turns the logits into dL/dlogits in place, and two GEMMs take that to dL/dweight (added over the chunks, in
-the weight's dtype) and dL/dhidden. Three GEMMs over the selected rows, nothing over the others, nothing
-recomputed; ``AttachGradients`` hands the saved gradients to autograd, scaled by the upstream gradient.
+vocabulary, a pass folds their log-sum-exps, the loss's closed-form dL/dlogp comes from the [rows] log-probs
+(``ChunkedLoss``: a few small kernels), a pass turns the logits into dL/dlogits in place, and two GEMMs take
+that to dL/dweight (added over the chunks, in fp32 for a half weight) and dL/dhidden. Three GEMMs over the
+selected rows, nothing over the others, nothing recomputed; ``AttachGradients`` hands the saved gradients to
+autograd, scaled by the upstream gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .. import ledger
 from ..dtypes import acc_dtype
-from ..selective_loss.losses import selected_loss
+from ..selective_loss.losses import ChunkedLoss
 from . import launch, plan
 from .logprobs import flat_view, shard_targets
 from .passes import Passes
@@ -42,69 +43,70 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
     """(loss, metrics, (grad_hidden, grad_weight, grad_bias)) of the loss over the selected rows ``rows``
     (sorted indices into hidden), whose segments are bounded by ``cu_sel`` (a list of ints, [S+1]). With a
     ``shard``, weight and bias are this process's vocabulary shard: the log-probs are combined over the
-    processes before the loss, and each chunk's hidden gradient is summed over them (in fp32)."""
+    processes before the loss, and each chunk's hidden gradient is summed over them (in fp32).
+
+    The rows are put in chunk order once per call (one gather of their indices, targets and reference or weights), and
+    every chunk's boundaries reach the device in one copy, so no chunk copies from the host (which would
+    synchronise a GPU's stream). A half weight's gradient is summed over the chunks in an fp32 accumulator
+    (where it fits the buffer's budget) and rounded once at the end."""
     (v, d), dtype = weight.shape, hidden.dtype
     seg_rows = [b - a for a, b in zip(cu_sel[:-1], cu_sel[1:])]
     num_units = len(seg_rows) // 2 if pairwise else len(seg_rows)
     # A unit's segments: (p, P + p) for a pair, (s,) for a sequence.
     units_rows = [seg_rows[u] + seg_rows[num_units + u] for u in range(num_units)] if pairwise else seg_rows
-    limit = plan.pair_chunk_rows(v, hidden.element_size(), plan.buffer_bytes(hidden.device, plan.LOSS_BUFFER_BYTES))
+    budget = plan.buffer_bytes(hidden.device, plan.LOSS_BUFFER_BYTES)
+    limit = plan.pair_chunk_rows(v, hidden.element_size(), budget)
+    groups = unit_groups(units_rows, limit)
+    # Each chunk's segments, in the order its rows are laid out.
+    spans = [[(a, b), (num_units + a, num_units + b)] if pairwise else [(a, b)] for a, b in groups]
+    order = torch.cat([rows[cu_sel[s]:cu_sel[e]] for parts in spans for s, e in parts])
+    need_h, need_w, need_b = need_grads
+    chunks = [[u for s, e in parts for u in range(s, e)] for parts in spans]
+    values = {"dpo": ref_logps, "weighted_nll": weights}.get(name)
+    loss_fn = ChunkedLoss(name, options, passes.which, seg_rows, chunks,
+                          None if values is None else values.index_select(0, order), acc_dtype(dtype), hidden.device,
+                          any(need_grads))
     most = min(rows.numel(), max(limit, max(units_rows, default=0)))
     buf = ledger.workspace((most * v,), dtype, hidden.device, name="logits")
     hbuf = ledger.workspace((most, d), dtype, hidden.device, name="rows")
     dh = None if shard is None else ledger.workspace((most, d), acc_dtype(dtype), hidden.device, name="grad_rows")
-    need_h, need_w, need_b = need_grads
     any_row = rows.numel() > 0
 
     def output(t, needed, zero):
         return ledger.workspace(t.shape, t.dtype, t.device, fill=0.0 if zero else None, output=True) if needed else None
 
     grads = (output(hidden, need_h, True), output(weight, need_w, not any_row), output(bias, need_b, not any_row))
-    losses, metrics = [], []
-
-    def loss_grad(chunk, logp):
-        """The chunk's loss (kept, with its metrics) and its gradient w.r.t. the rows' log-probs (None if none
-        is wanted)."""
-        sub_cu, counts, ref, w, share = chunk
-        logp = logp.detach().requires_grad_()
-        with torch.enable_grad():
-            loss, chunk_metrics = selected_loss(name, logp, sub_cu, counts, ref, w, passes.which, options)
-            weighted = loss * share
-        losses.append(weighted.detach())
-        metrics.append(chunk_metrics)
-        return torch.autograd.grad(weighted, logp)[0] if any(need_grads) else None
-
-    for a, b in unit_groups(units_rows, limit):
-        parts = [(a, b), (num_units + a, num_units + b)] if pairwise else [(a, b)]
-        idx = torch.cat([rows[cu_sel[s]:cu_sel[e]] for s, e in parts])
-        counts = [n for s, e in parts for n in seg_rows[s:e]]
-        sub_cu = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(hidden.device)
-        counts = torch.tensor(counts, dtype=torch.int64).to(hidden.device)
-        r = idx.numel()
-        t, clamped, inside = shard_targets(targets.index_select(0, idx), shard)
+    # Summing a half weight's gradient in its own dtype rounds every chunk's sum to it: an fp32 accumulator
+    # takes it where it fits the buffer's budget, so the workspace stays flat in the vocabulary (SmolLM2's
+    # head, 113 MB in fp32, is summed there; Llama-3-8B's, 2 GiB, is not).
+    wide = (need_w and len(groups) > 1 and weight.dtype != acc_dtype(weight.dtype)
+            and weight.numel() * 4 <= budget)
+    gw = ledger.workspace(weight.shape, acc_dtype(weight.dtype), weight.device) if wide else grads[1]
+    t_all, clamped_all, inside_all = shard_targets(targets.index_select(0, order), shard)
+    for k, (r0, r1) in enumerate(loss_fn.rows):
+        r, idx = r1 - r0, order[r0:r1]
+        t, clamped = t_all[r0:r1], clamped_all[r0:r1]
         h = launch.gather_rows(hidden, idx, hbuf[:r])
         x = launch.logits(h, weight, flat_view(buf, r, v))
         x_t = passes.target_logits(hidden, idx, weight, bias, clamped)
-        share = (b - a) / num_units  # the loss is a mean over units: this chunk's share of it
-        chunk = (sub_cu, counts, None if ref_logps is None else ref_logps.index_select(0, idx),
-                 None if weights is None else weights.index_select(0, idx), share)
-        passes.logprobs_and_grad_(x, bias, t, x_t, functools.partial(loss_grad, chunk),
-                                  None if shard is None else functools.partial(shard.combine, inside=inside))
+        passes.logprobs_and_grad_(x, bias, t, x_t, functools.partial(loss_fn.grad_, k),
+                                  None if shard is None else functools.partial(shard.combine,
+                                                                               inside=inside_all[r0:r1]))
         if any(need_grads):
-            first = a == 0
             if need_w:
-                launch.grad_weight(x, h, grads[1], accumulate=not first)
+                launch.grad_weight(x, h, gw, accumulate=k > 0)
             if need_b:
-                launch.column_sums(x, grads[2], accumulate=not first)
+                launch.column_sums(x, grads[2], accumulate=k > 0)
             if need_h and shard is None:  # h is no longer needed: its buffer takes the rows' hidden gradient
                 launch.grad_hidden(x, weight, h, accumulate=False)
                 launch.scatter_rows(h, idx, grads[0])
             elif need_h:
                 launch.grad_hidden(x, weight, dh[:r], accumulate=False)
                 launch.scatter_rows(shard.all_reduce(dh[:r]), idx, grads[0])
-    loss = torch.stack(losses).sum()
-    merged = {k: torch.cat([m[k] for m in metrics]) for k in metrics[0]}
-    return loss, merged, grads
+    if wide:
+        launch.cast(gw, grads[1])
+    loss, metrics = loss_fn.result()
+    return loss, metrics, grads
 
 
 class AttachGradients(torch.autograd.Function):

@@ -24,32 +24,34 @@ def logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def grad_weight(dz: torch.Tensor, h: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= dz.T @ h: a vocabulary slice's rows of dL/dweight, in the weight's dtype."""
+    """out (+)= dz.T @ h: a vocabulary slice's rows of dL/dweight, in the weight's dtype, or in fp32 for half
+    inputs (the fused loss sums its chunks' products there; see ``grad_hidden``)."""
     ledger.record_gemm("grad_weight", dz.T, h, out, accumulate)
     if ledger.executing():
-        if accumulate:
-            out.addmm_(dz.T, h)
-        else:
-            torch.mm(dz.T, h, out=out)
+        _mm_into(dz.T, h, out, accumulate)
 
 
 def grad_hidden(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """out (+)= dz @ w: a slice's share of dL/dhidden. ``out`` may be fp32 for half inputs: cuBLAS then adds
     its fp32 result straight into it (``addmm`` with ``out_dtype``), elsewhere a half product is widened."""
     ledger.record_gemm("grad_hidden", dz, w, out, accumulate)
-    if not ledger.executing():
-        return
-    if out.dtype == dz.dtype:
+    if ledger.executing():
+        _mm_into(dz, w, out, accumulate)
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= a @ b, ``out`` in a's dtype or fp32 for half a and b."""
+    if out.dtype == a.dtype:
         if accumulate:
-            out.addmm_(dz, w)
+            out.addmm_(a, b)
         else:
-            torch.mm(dz, w, out=out)
+            torch.mm(a, b, out=out)
     elif out.is_cuda and widening_addmm(out.device):
-        torch.addmm(out, dz, w, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
+        torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
     elif accumulate:
-        out += (dz @ w).to(out.dtype)
+        out += a @ b
     else:
-        out.copy_(dz @ w)
+        out.copy_(a @ b)
 
 
 @functools.cache
@@ -78,6 +80,13 @@ def scatter_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> No
     ledger.record_pass("scatter_rows", (src, rows), (src,))
     if ledger.executing():
         out.index_copy_(0, rows, src.to(out.dtype))
+
+
+def cast(src: torch.Tensor, out: torch.Tensor) -> None:
+    """out = src, rounded to out's dtype (an fp32 accumulator into a half gradient)."""
+    ledger.record_pass("cast", (src,), (out,))
+    if ledger.executing():
+        out.copy_(src)
 
 
 def column_sums(dz: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:

@@ -64,8 +64,7 @@ def row_logprobs(passes: Passes, hidden, weight, bias, rows, targets, shard=None
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         h = hidden_rows(hidden, rows, r0, r1, hbuf)
-        for v0 in range(0, v, width):
-            v1 = min(v, v0 + width)
+        for v0, v1 in plan.slices(v, width):
             x = launch.logits(h, weight[v0:v1], flat_view(buf, r1 - r0, v1 - v0))
             passes.merge_lse_(x, bias_slice(bias, v0, v1), m[r0:r1], s[r0:r1], keep=False)
     if shard is None:
@@ -99,8 +98,7 @@ def row_grads(passes: Passes, g, hidden, weight, bias, rows, targets, lse, grads
         r1 = min(n, r0 + group)
         h = hidden_rows(hidden, rows, r0, r1, hbuf)
         out_h = grad_hidden[r0:r1] if direct else None if acc_h is None else acc_h[:r1 - r0]
-        for v0 in range(0, v, width):
-            v1 = min(v, v0 + width)
+        for v0, v1 in plan.slices(v, width):
             x = launch.logits(h, weight[v0:v1], flat_view(buf, r1 - r0, v1 - v0))
             passes.grad_logits_(x, bias_slice(bias, v0, v1), targets[r0:r1], v0, g[r0:r1], lse[r0:r1])
             if grad_weight is not None:

@@ -30,12 +30,23 @@ class Passes:
         n = rows.numel()
         ledger.record_pass("target_logits", (h[:n], w[:n], rows, targets), (rows,))
         if not ledger.executing():
-            return torch.zeros(n, dtype=acc_dtype(h.dtype), device=h.device)
+            return ledger.dry_input((n,), acc_dtype(h.dtype), h.device)
         return self.impl.target_logits(h, rows, w, bias, targets, self.temperature, self.softcap)
+
+    def record_merge_lse(self, x, m, s) -> None:
+        """merge_lse's launches: one, or for a Triton tile of few rows split along the vocabulary
+        (``passes_triton.vocab_split``), one writing each program's (max, sum) and one folding them."""
+        splits = self.impl.vocab_split(*x.shape, x.device)[0] if self.which == "triton" and x.shape[0] else 1
+        if splits == 1:
+            ledger.record_pass("merge_lse", (x, m, s), (m, s))
+        else:
+            parts = ledger.dry_input((2, x.shape[0], splits), torch.float32, "meta")  # their bytes, unallocated
+            ledger.record_pass("merge_lse", (x,), (parts,))
+            ledger.record_pass("merge_lse_parts", (parts, m, s), (m, s))
 
     def merge_lse_(self, x, bias, m, s, keep: bool = True) -> None:
         """Folds the tile into the running max ``m`` and sum ``s``; ``keep=False``: x may be overwritten."""
-        ledger.record_pass("merge_lse", (x, m, s), (m, s))
+        self.record_merge_lse(x, m, s)
         if ledger.executing():
             if self.which == "torch":
                 self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap, keep)
@@ -55,7 +66,7 @@ class Passes:
                 and combine is None)
         m = torch.full((r,), float("-inf"), dtype=acc, device=x.device)
         s = torch.zeros_like(m)
-        ledger.record_pass("merge_lse", (x, m, s), (m, s))
+        self.record_merge_lse(x, m, s)
         if fast:
             lse, g = passes_torch.logprobs_and_grad_(x, bias, targets, x_t, loss_grad, self.temperature)
         else:

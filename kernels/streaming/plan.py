@@ -3,7 +3,8 @@
 The logits of a tile of rows x vocabulary columns live in one reused buffer of at most ``buffer_bytes``
 (in the inputs' dtype, as a GEMM writes them), so the workspace does not grow with the vocabulary. Slices
 are multiples of ``ALIGN`` columns, so every buffer row starts 16-byte aligned, as the GEMMs and the
-vectorised loads of the passes want.
+vectorised loads of the passes want, and of equal width (``slices``): the fewest slices the buffer allows, so no
+slice is a thin remainder (a GEMM of a few column tiles, a pass of few blocks, a launch for little work).
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ def aligned(cols: int, vocab: int) -> int:
     return min(vocab, max(ALIGN, cols // ALIGN * ALIGN))
 
 
+def slices(vocab: int, width: int) -> list[tuple[int, int]]:
+    """[v0, v1) of the fewest slices of ``vocab`` columns at most ``width`` wide (a multiple of ALIGN, or the
+    vocabulary): its ALIGN-column units shared out evenly, the wider slices first, so widths differ by at most
+    ALIGN and only the last can end off the grid of ALIGN. V = 128,256 in slices of at most 8,192 columns: 10
+    of 8,064 and 6 of 7,936, where slices as wide as the buffer would leave 15 of 8,192 and one of 5,376."""
+    count = -(-vocab // width)
+    units, wider = divmod(-(-vocab // ALIGN), count)
+    bounds = [0]
+    for k in range(count):
+        bounds.append(min(vocab, bounds[-1] + (units + (k < wider)) * ALIGN))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def even_width(cols: int, vocab: int) -> int:
+    """The widest of the equal ``slices`` of ``vocab`` columns at most ``cols`` (``aligned``) wide: what the
+    buffer must hold, and the width that gives the same slices back."""
+    return max(v1 - v0 for v0, v1 in slices(vocab, aligned(cols, vocab)))
+
+
 def buffer_bytes(device: torch.device, sizes: dict | None = None) -> int:
     """The logits buffer's size for tensors on ``device`` (the device a dry run models, inside one), from
     ``sizes`` (default BUFFER_BYTES)."""
@@ -44,11 +64,11 @@ def buffer_bytes(device: torch.device, sizes: dict | None = None) -> int:
 
 
 def forward_tiles(rows: int, vocab: int, elsize: int, budget_bytes: int) -> tuple[int, int]:
-    """(rows per chunk, columns per slice) of a forward: chunks of up to ROW_CHUNK rows, and as wide a slice
-    as the buffer holds. Tall tiles keep a weight slice in cache across many rows: on 2 CPU cores SmolLM2's
+    """(rows per chunk, columns per slice) of a forward: chunks of up to ROW_CHUNK rows, and the fewest equal
+    slices the buffer holds. Tall tiles keep a weight slice in cache across many rows: on 2 CPU cores SmolLM2's
     forward takes 1.41 s in 4,096 x 2,048 tiles against 1.85 s in 256 x 32,768 ones (the GEMMs alone: 1.32 s)."""
     chunk = max(1, min(rows, ROW_CHUNK))
-    return chunk, aligned(budget_bytes // elsize // chunk, vocab)
+    return chunk, even_width(budget_bytes // elsize // chunk, vocab)
 
 
 def backward_groups(rows: int, vocab: int, elsize: int, budget_bytes: int) -> tuple[int, int]:
@@ -57,7 +77,7 @@ def backward_groups(rows: int, vocab: int, elsize: int, budget_bytes: int) -> tu
     are very many)."""
     budget = budget_bytes // elsize
     group = max(1, min(rows, budget // min(vocab, MIN_SLICE)))
-    return group, aligned(budget // group, vocab)
+    return group, even_width(budget // group, vocab)
 
 
 def pair_chunk_rows(vocab: int, elsize: int, budget_bytes: int) -> int:
