@@ -20,3 +20,8 @@ def _unshadow_kernels() -> None:
 
 
 _unshadow_kernels()
+
+# The Python entry points (selpo.api): light to import, as `selpo --help` is; torch comes with the first run.
+from .api import run, run_stage  # noqa: E402
+
+__all__ = ["run", "run_stage"]

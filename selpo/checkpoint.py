@@ -1,11 +1,12 @@
 """Training checkpoints written atomically, so a crash at any moment leaves a loadable one behind.
 
-Layout under a checkpoint folder: ``step-XXXXXXXX/`` (Accelerate's ``save_state``: model, optimizer,
-every process's RNG states; ``<name>.pt`` for other stateful objects such as the learning-rate schedule;
-``trainer_state.json``) and ``latest.json``, which names the newest complete checkpoint. A checkpoint
-is written into a hidden temporary folder, flushed to disk, renamed into place, and only then is
-``latest.json`` replaced (``os.replace``, atomic): until that instant the previous checkpoint stays the
-latest and untouched. Older checkpoints are removed after that; one is kept.
+Layout under a checkpoint folder: ``step-XXXXXXXX/`` (Accelerate's ``save_state``: model (only its trained
+parameters when some are frozen, e.g. a LoRA adapter without its base), optimizer, every process's RNG states;
+``<name>.pt`` for other stateful objects such as the learning-rate schedule; ``trainer_state.json``) and
+``latest.json``, which names the newest complete checkpoint. A checkpoint is written into a hidden temporary
+folder, flushed to disk, renamed into place, and only then is ``latest.json`` replaced (``os.replace``,
+atomic): until that instant the previous checkpoint stays the latest and untouched. Older checkpoints are
+removed after that; one is kept.
 """
 
 from __future__ import annotations
@@ -37,6 +38,24 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _frozen_names(model: torch.nn.Module) -> set[str] | None:
+    """The state-dict keys of ``model`` a checkpoint leaves out: everything but its trained parameters when some of
+    its parameters are frozen (a LoRA adapter's base, ``selpo.lora``: the same weights the resumed training
+    loads again from the model folder), else None (a full training: the whole state)."""
+    params = dict(model.named_parameters())
+    trained = {name for name, p in params.items() if p.requires_grad}
+    if len(trained) == len(params):
+        return None
+    return set(model.state_dict()) - trained
+
+
+def _only_trained(models: list, weights: list, output_dir) -> None:
+    """Accelerate's save-state hook: each model's state dict without its frozen entries (``_frozen_names``)."""
+    for model, state in zip(models, weights):
+        for name in _frozen_names(model) or ():
+            state.pop(name, None)
+
+
 def save(accelerator: Accelerator, root: str | Path, step: int, meta: dict, objects: dict) -> Path:
     """Saves the accelerator's state after ``step`` as the latest checkpoint under ``root``; removes older ones.
 
@@ -50,7 +69,11 @@ def save(accelerator: Accelerator, root: str | Path, step: int, meta: dict, obje
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)  # keeps tied weights tied, without a warning
+    hook = accelerator.register_save_state_pre_hook(_only_trained)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)  # keeps tied weights tied, without a warning
+    finally:
+        hook.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for key, obj in objects.items():
@@ -103,7 +126,9 @@ def load(accelerator: Accelerator, folder: str | Path, objects: dict) -> None:
     file is a ``CheckpointError`` naming it."""
     folder = Path(folder)
     try:
-        accelerator.load_state(str(folder))
+        # A checkpoint without the frozen weights (_frozen_names) loads into the model that holds them already.
+        strict = all(_frozen_names(model) is None for model in accelerator._models)
+        accelerator.load_state(str(folder), strict=strict)
         for key, obj in objects.items():
             obj.load_state_dict(torch.load(folder / f"{key}.pt", weights_only=True))
     except Exception as e:

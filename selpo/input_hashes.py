@@ -5,7 +5,8 @@ The inputs are the options that name files (``PATH_KEYS``): the initial model (f
 GGUF file it is converted from), the data files (``default``: the packaged ones), ``train.policy``, and
 ``eval.reward`` (a reward model's folder, or the source file of a ``module:function``'s module, found on
 ``sys.path`` without importing it). A dataset named from the local ``datasets`` cache is identified by its name
-only. A folder's hash covers every file in it, by relative path and content.
+only; a model named from the local hub cache by the snapshot its name points to. A folder's hash covers every
+file in it, by relative path and content.
 
 Hashing reads every byte once; the result is kept per file by (size, modification time) in memory and in the
 run folder's ``.selpo/hashes.json`` (only when that folder exists: hashing never creates it), so a rerun
@@ -51,7 +52,7 @@ def input_path(config, key: str) -> Path | None:
     """The local file or folder option ``key`` makes the run read, or None (no file: vader, none, a cached
     dataset's name, an unset ``train.policy``)."""
     from .data import default_data_path
-    from .models import DEFAULT_MODEL, default_gguf_path
+    from .models import DEFAULT_MODEL, cached_model_folder, default_gguf_path
     from .rewards import CALLABLE
 
     value = _value(config, key)
@@ -66,6 +67,8 @@ def input_path(config, key: str) -> Path | None:
         return path
     if key == "eval.reward" and CALLABLE.fullmatch(value):
         return _module_file(value)
+    if key in ("model", "train.policy"):  # a hub name: its snapshot in the local hub cache
+        return cached_model_folder(value)
     return None
 
 

@@ -14,6 +14,10 @@ its parts (``gate_proj``, ``up_proj``, ``down_proj`` linear layers without bias 
 class named ``*RMSNorm`` with a vector ``weight`` and an epsilon), and then its own forward is run against
 the lean one on a random input (a few rows, once per module: milliseconds); one whose forward differs (Gemma's
 ``1 + weight`` norm, an MLP with dropout or a multiplier) keeps its own.
+
+Under LoRA (``selpo.lora``) an MLP whose projections carry an adapter (PEFT's layers, not ``nn.Linear``) keeps its
+own forward; a plain MLP or RMSNorm over frozen weights is swapped, and its backward skips the frozen weights'
+gradients (for the MLP, their three GEMMs).
 """
 
 from __future__ import annotations
@@ -56,13 +60,15 @@ class _SwiGLU(torch.autograd.Function):
         gate, up, grad = _rows(gate), _rows(up), _rows(grad).to(dtype)
         xs = _rows(x).to(dtype)
         act = F.silu(gate)
+        # A frozen weight (a LoRA model's base, selpo.lora) gets no gradient: its GEMM is not run.
+        need_gate, need_up, need_down = ctx.needs_input_grad[1:4]
         d_hidden = grad @ down_w.to(dtype)
-        d_down = grad.T @ (act * up)
+        d_down = (grad.T @ (act * up)).to(down_w.dtype) if need_down else None
         d_up = d_hidden * act
         d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)
         d_x = torch.addmm(d_gate @ gate_w.to(dtype), d_up, up_w.to(dtype))
-        return (d_x.view(x.shape).to(x.dtype), (d_gate.T @ xs).to(gate_w.dtype), (d_up.T @ xs).to(up_w.dtype),
-                d_down.to(down_w.dtype))
+        return (d_x.view(x.shape).to(x.dtype), (d_gate.T @ xs).to(gate_w.dtype) if need_gate else None,
+                (d_up.T @ xs).to(up_w.dtype) if need_up else None, d_down)
 
 
 def swiglu_mlp(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
@@ -86,10 +92,10 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         normed = x.to(rstd.dtype) * rstd
-        d_weight = _rows(grad * normed.to(x.dtype)).sum(0)
+        d_weight = _rows(grad * normed.to(x.dtype)).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         d_normed = (grad * weight).to(rstd.dtype)
         d_x = (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
-        return d_x.to(x.dtype), d_weight.to(weight.dtype), None
+        return d_x.to(x.dtype), d_weight, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -90,25 +91,57 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+# A model named as on the Hugging Face hub: owner/name, optionally @revision (a branch, tag or commit).
+HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?")
+
+
+def cached_model_folder(name: str) -> Path | None:
+    """The snapshot folder of hub model ``name`` (``owner/name[@revision]``, revision main by default) in the
+    local Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``), or None where it is not there. Read
+    offline: what an earlier ``from_pretrained`` or ``hf download`` left, never fetched."""
+    from huggingface_hub import try_to_load_from_cache
+
+    match = HUB_NAME.fullmatch(name)
+    if match is None:
+        return None
+    found = try_to_load_from_cache(match["repo"], "config.json", revision=match["revision"])
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A local transformers folder for ``name_or_path``.
 
     ``"default"`` is SmolLM2-135M-Instruct, converted from its GGUF file on first use (about 30 s on two
-    CPU cores) into ``cache_dir() / "smollm2-135m-instruct"`` and reused afterwards. Anything else must
-    be an existing local folder: nothing is ever downloaded.
+    CPU cores) into ``cache_dir() / "smollm2-135m-instruct"`` and reused afterwards. A local folder is taken
+    as it is; a hub name (``owner/name``, optionally ``@revision``) that is no local folder is read from the local
+    Hugging Face hub cache (``cached_model_folder``), as ``data.train`` reads the ``datasets`` cache. Nothing is
+    ever downloaded.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"model must be a path or {DEFAULT_MODEL!r}, got {type(name_or_path).__name__}")
+        raise TypeError(f"model must be a path, a hub name or {DEFAULT_MODEL!r}, got {type(name_or_path).__name__}")
     if str(name_or_path) == DEFAULT_MODEL:
         folder = cache_dir() / DEFAULT_DIRNAME
         if not (folder / "config.json").is_file():
             convert_gguf(default_gguf_path(), folder)
         return str(folder)
     path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model: {str(name_or_path)!r} is not a local model folder (no config.json there); "
-                                f"use {DEFAULT_MODEL!r} for the embedded default")
-    return str(path)
+    if (path / "config.json").is_file():
+        return str(path)
+    if not path.exists():
+        cached = cached_model_folder(str(name_or_path))
+        if cached is not None:
+            return str(cached)
+        if HUB_NAME.fullmatch(str(name_or_path)):
+            from huggingface_hub import constants
+
+            raise FileNotFoundError(
+                f"model: {str(name_or_path)!r} is neither a local model folder nor a model in the local Hugging "
+                f"Face hub cache ({constants.HF_HUB_CACHE}); selpo never downloads models. Fill that cache once where "
+                f"the hub is reachable (`hf download {str(name_or_path).partition('@')[0]}`), or pass a local folder; "
+                f"{DEFAULT_MODEL!r} is the embedded default")
+    raise FileNotFoundError(f"model: {str(name_or_path)!r} is not a local model folder (no config.json there); "
+                            f"use a hub name already in the local cache, or {DEFAULT_MODEL!r} for the embedded "
+                            "default")
 
 
 def attention_implementation(device: str | torch.device) -> str:
@@ -134,11 +167,20 @@ def load_tokenizer(path: str):
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a local folder or ``"default"``; the tokenizer is ``load_tokenizer``'s.
 
+    An adapter folder (``selpo.lora.save_adapter``'s, PEFT's format) gives the base model it names with the
+    adapter loaded onto it (``selpo.lora.load_adapter``), and the base's tokenizer.
     The model has passed ``verify_head``: an architecture whose logits selpo would misread is an error here,
     before any stage works on it.
     """
     from transformers import AutoModelForCausalLM
 
+    from . import lora
+
+    base = lora.adapter_base(path)
+    if base is not None:
+        model, tokenizer = load_causal_lm(base, dtype=dtype, device=device)
+        lora.load_adapter(model, path)
+        return model, tokenizer
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype, **LOAD_OPTIONS,
                                                  attn_implementation=attention_implementation(device))

@@ -34,11 +34,20 @@ BOUNDS = (1e-8, 1.0)
 
 def load_reward_model(path: str, *, device: str | torch.device = "cpu", head: str = "linear"):
     """(model, tokenizer) from a saved reward model (with the head it was saved with), or from a causal LM
-    folder (or ``"default"``), whose backbone it reuses with a fresh ``head`` (one of HEADS)."""
+    folder (or ``"default"``), whose backbone it reuses with a fresh ``head`` (one of HEADS). A LoRA adapter folder
+    (``selpo.lora``: the adapter and the trained head, no base weights) is loaded onto the base it names, built
+    with ``head``: the head the adapter was trained with."""
     from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from . import lora
 
     if head not in HEADS:
         raise ValueError(f"guidance.head must be one of {HEADS}, got {head!r}")
+    base = lora.adapter_base(path)
+    if base is not None:
+        model, tokenizer = load_reward_model(base, device=device, head=head)
+        lora.load_adapter(model, path)
+        return model, tokenizer
     tokenizer = load_tokenizer(path)
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder, num_labels=1, classifier_dropout=0.0, local_files_only=True)

@@ -1,7 +1,8 @@
 """The run folder: what selpo may write and delete there, and that one process at a time works in it.
 
-A run folder holds the stage folders (``<stage>/``), ``config.toml``, ``report.html`` and ``.selpo/`` (the
-lock, the manifest, the cache of input hashes); nothing else is selpo's. The rules, checked before any write:
+A run folder holds the stage folders (``<stage>/``), ``config.toml``, ``report.html``, ``logs/`` (the trackers'
+of ``report_to``, kept as a stage folder is) and ``.selpo/`` (the lock, the manifest, the cache of input hashes);
+nothing else is selpo's. The rules, checked before any write:
 
 - **Only inside.** selpo writes and deletes only inside the run folder and never through a symbolic link
   that leads out of it. The one exception is a stage folder that ``selpo compare`` links to the stage its
@@ -38,6 +39,8 @@ LOCK = "lock"
 STAGE_RECORD = ".selpo-stage.json"
 # The files selpo writes at the top of a run folder, besides the stage folders and STATE.
 OWN_FILES = ("config.toml", "report.html")
+# The experiment trackers' folder (``report_to``), with a record of selpo's files in it as a stage folder has.
+LOGS = "logs"
 
 
 class RunFolderError(ValueError):
@@ -231,6 +234,11 @@ class RunFolder:
         listed = sorted(set(record.get("files", [])) | set(files))
         write_text_atomic(folder / STAGE_RECORD, json.dumps({"state": "running", "files": listed}))
         return folder
+
+    def begin_logs(self) -> Path:
+        """The trackers' folder, checked, created and marked as being written as a stage's (``begin_stage``)."""
+        self._refuse_foreign(LOGS, "writing the trackers' logs (report_to)")
+        return self.begin_stage(LOGS)
 
     def end_stage(self, name: str) -> None:
         """Records every file in stage ``name``'s folder as selpo's: the stage finished."""

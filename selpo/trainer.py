@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import nn
 
-from . import checkpoint, progress
+from . import checkpoint, lora, progress, tracking
 from .atomic import write_text_atomic
 from .body import layout_of
 from .data import BatchSchedule
@@ -76,12 +76,16 @@ class ObjectiveModule(nn.Module):
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
-    """An Accelerator for ``config.device`` and ``config.precision`` (processes come from ``accelerate launch``)."""
+    """An Accelerator for ``config.device`` and ``config.precision`` (processes come from ``accelerate launch``),
+    with the trackers of ``config.report_to`` (started per run folder: ``selpo.stages.pipeline.tracked``)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     bf16 = config.precision == "bf16" or (config.precision == "auto" and not cpu and torch.cuda.is_bf16_supported())
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+    trackers = tracking.tracker_names(config.report_to)
+    logs = ProjectConfiguration(logging_dir=str(tracking.logging_dir(config.run_dir))) if trackers else None
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", log_with=trackers or None,
+                       project_config=logs)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -162,17 +166,37 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def save_model(accelerator: Accelerator, module: torch.nn.Module, tokenizer, out: Path) -> None:
-    """``save_pretrained`` of the trained model (and tokenizer) into ``out``, atomically, from the full state."""
+def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Calls ``write(tmp)`` on a fresh temporary folder beside ``out``, then puts it in ``out``'s place."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def save_model(accelerator: Accelerator, module: torch.nn.Module, tokenizer, out: Path, *,
+               merged: Path | None = None) -> None:
+    """``save_pretrained`` of the trained model (and tokenizer) into ``out``, atomically, from the full state.
+
+    A LoRA model (``selpo.lora``) is saved as its adapter folder, and with ``merged`` also as the full folder
+    ``merged``, base and adapter folded together (from the main process's copy: FSDP's shards are not gathered).
+    """
+    lm = accelerator.unwrap_model(module).lm
+    if lora.has_adapter(lm):
+        if accelerator.is_main_process:
+            _write_folder(out, lambda tmp: lora.save_adapter(lm, tokenizer, tmp))
+            if merged is not None:
+                state = lora.merged_state_dict(lm)
+                _write_folder(merged, lambda tmp: (lm.save_pretrained(tmp, state_dict=state),
+                                                   tokenizer.save_pretrained(tmp)))
+        accelerator.wait_for_everyone()
+        return
     state = accelerator.get_state_dict(module)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
-        lm = accelerator.unwrap_model(module).lm
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in state.items()})
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        _write_folder(out, lambda tmp: (lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v
+                                                                             for k, v in state.items()}),
+                                        tokenizer.save_pretrained(tmp)))
     accelerator.wait_for_everyone()
 
 
@@ -244,8 +268,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
 
     ``out_dir`` receives ``checkpoints/``, ``metrics.jsonl`` (one JSON record per logged step) and
     ``model/``. A checkpoint there with the same ``fingerprint`` (a hash of everything that shapes the
-    training) and the same number of steps is resumed. The body's batches are laid out as chosen for
-    ``model`` (``selpo.body.layout_of``). ``on_step(step)`` runs after every optimizer step
+    training) and the same number of steps is resumed. With ``config.lora_rank`` the model gets a LoRA adapter
+    first (``selpo.lora.add_adapter``: in place, the same object), which alone is trained, checkpointed and saved
+    (``model/`` is then an adapter folder, ``merged/`` with ``config.lora_merge``). The body's batches are laid
+    out as chosen for ``model`` (``selpo.body.layout_of``). ``on_step(step)`` runs after every optimizer step
     and its checkpoint (e.g. to evaluate); ``before_step(step, model)`` before every one, the first after a
     resume included (e.g. to alternate with another model: it may change ``examples`` in place, and may
     itself call ``train`` on the same accelerator).
@@ -264,6 +290,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     layout = layout_of(model)
 
     set_seed(seed)
+    if config.lora_rank:  # before the layers are checkpointed and made lean: they see the adapted projections
+        lora.add_adapter(model, config, config.SECTION)
+    elif lora.has_adapter(model):  # a full training of an adapter model trains base and adapter folded together
+        lora.merge_adapter(model)
     model.train()
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, keep_attention=config.keep_attention)
@@ -293,10 +323,12 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
                               "seconds": time.perf_counter() - began}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    tracking.log_step(accelerator, out_dir, record)
                 if (config.save_every and done % config.save_every == 0) or done == total:
                     checkpoint.save(accelerator, out_dir / "checkpoints", done,
                                     {"fingerprint": fingerprint, "total_steps": total}, {"scheduler": scheduler})
                 if on_step is not None:
                     on_step(done)
-        save_model(accelerator, module, tokenizer, out_dir / "model")
+        save_model(accelerator, module, tokenizer, out_dir / "model",
+                   merged=out_dir / "merged" if config.lora_merge else None)
         return accelerator.unwrap_model(module).lm

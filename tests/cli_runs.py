@@ -3,8 +3,12 @@ that captures the output."""
 
 import contextlib
 import io
+from pathlib import Path
+
+from tiny_data import write_pairs
 
 from selpo import cli
+from selpo.testing import tiny_model_dir
 
 PROMPTS = 3
 
@@ -22,9 +26,22 @@ def tiny_settings(model, train, test, **more) -> list[str]:
     return [arg for key, value in pairs.items() for arg in ("--set", f"{key}={value}")]
 
 
+def tiny_run_settings(root: Path, train_pairs: int = 30, test_pairs: int = 8) -> list[str]:
+    """``tiny_settings`` over a tiny model and fresh pair files written under ``root``."""
+    return tiny_settings(tiny_model_dir(root), write_pairs(root / "train.jsonl", train_pairs),
+                         write_pairs(root / "test.jsonl", test_pairs, seed=1))
+
+
 def selpo(*args) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``selpo ARGS``."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
+
+
+def finished_run(run_dir: Path, settings: list[str], *more) -> Path:
+    """``run_dir`` after a ``selpo run`` with ``settings`` and ``more`` arguments that must succeed."""
+    code, _, err = selpo("run", "--run-dir", run_dir, *settings, *more)
+    assert code == 0, err[-3000:]
+    return run_dir

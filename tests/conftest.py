@@ -29,3 +29,12 @@ BACKENDS = ["torch", "triton"]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(a fresh folder, the ``--set`` arguments of a tiny run in it: cli_runs.tiny_run_settings), per test module."""
+    from cli_runs import tiny_run_settings
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    return root, tiny_run_settings(root)

@@ -1,6 +1,7 @@
 """selpo.models: the default model's conversion and cache, loading, and hidden states + head == logits."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -103,14 +104,62 @@ def test_attention_implementation(monkeypatch):
     assert models.attention_implementation("cpu") == "sdpa"
 
 
-def test_resolve_model_path_takes_local_folders_only(tiny, tmp_path):
+def _hub_cache(root, tiny, repo: str, commit: str, ref: str = "main"):
+    """A Hugging Face hub cache as ``from_pretrained`` leaves it: models--owner--name/{refs/REF, snapshots/COMMIT}."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / ref).write_text(commit)
+    shutil.copytree(tiny, folder / "snapshots" / commit)
+    return folder / "snapshots" / commit
+
+
+def test_resolve_model_path_takes_local_folders(tiny, tmp_path):
     assert resolve_model_path(tiny) == tiny
     with pytest.raises(FileNotFoundError, match="not a local model folder"):
         resolve_model_path(str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="not a local model folder"):
-        resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(TypeError, match="model must be a path"):
         resolve_model_path(3)
+
+
+def test_models_by_name_come_from_the_local_hub_cache(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"model: 'acme/tiny-lm' is neither a local model folder nor a model "
+                       r"in the local Hugging Face hub cache \(.*hub\); selpo never downloads.*"
+                       r"hf download acme/tiny-lm"):
+        resolve_model_path("acme/tiny-lm")
+    main = _hub_cache(tmp_path / "hub", tiny, "acme/tiny-lm", "a" * 40)
+    tagged = _hub_cache(tmp_path / "hub", tiny, "acme/tiny-lm", "b" * 40, ref="v1")
+    assert resolve_model_path("acme/tiny-lm") == str(main)
+    assert resolve_model_path("acme/tiny-lm@v1") == str(tagged)
+    assert resolve_model_path("acme/tiny-lm@" + "b" * 40) == str(tagged)
+    with pytest.raises(FileNotFoundError, match="neither a local model folder"):
+        resolve_model_path("acme/tiny-lm@v2")
+    model, _ = load_causal_lm("acme/tiny-lm")
+    reference, _ = load_causal_lm(tiny)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    # A local folder of the same name wins over the cache.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny, tmp_path / "acme" / "tiny-lm")
+    assert resolve_model_path("acme/tiny-lm") == "acme/tiny-lm"
+
+
+def test_a_cached_models_fingerprint_follows_its_snapshot(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from selpo.config import RunConfig
+    from selpo.input_hashes import input_hashes
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_cache(tmp_path / "hub", tiny, "acme/tiny-lm", "a" * 40)
+    config = RunConfig(model="acme/tiny-lm", run_dir=str(tmp_path / "run"))
+    first = input_hashes(config, ("model",))
+    assert set(first) == {"model"}
+    newer = _hub_cache(tmp_path / "hub", tiny, "acme/tiny-lm", "c" * 40)
+    (newer / "config.json").write_text((newer / "config.json").read_text().replace("{", '{"note": 1, ', 1))
+    assert input_hashes(config, ("model",)) != first
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -20,8 +20,8 @@ from selpo.context import DONE
 from selpo.run_folder import STAGE_RECORD, RunFolder, RunFolderError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_runs import finished_run  # noqa: E402
 from cli_runs import selpo as _selpo  # noqa: E402
-from cli_runs import tiny_settings  # noqa: E402
 from tiny_data import write_pairs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,22 +55,10 @@ class untouched:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from selpo.testing import tiny_model_dir
-
-    root = tmp_path_factory.mktemp("folder")
-    return root, tiny_settings(tiny_model_dir(root), write_pairs(root / "train.jsonl", 30),
-                               write_pairs(root / "test.jsonl", 8, seed=1))
-
-
-@pytest.fixture(scope="module")
-def finished(tiny):
+def finished(tiny_run):
     """A finished dpo run (data, train, eval, report: the quickest method)."""
-    root, settings = tiny
-    run_dir = root / "done"
-    code, _, err = _selpo("run", "--run-dir", run_dir, *settings, "--set", "method=dpo")
-    assert code == 0, err[-3000:]
-    return run_dir
+    root, settings = tiny_run
+    return finished_run(root / "done", settings, "--set", "method=dpo")
 
 
 def copy_run(run_dir: Path, where: Path) -> Path:
@@ -81,8 +69,8 @@ def copy_run(run_dir: Path, where: Path) -> Path:
 
 # -- 1. inputs are never overwritten -----------------------------------------------------------------------------
 
-def test_an_input_inside_the_run_folder_is_refused_before_any_write(tiny, tmp_path):
-    _, settings = tiny
+def test_an_input_inside_the_run_folder_is_refused_before_any_write(tiny_run, tmp_path):
+    _, settings = tiny_run
     run_dir = tmp_path / "myrun"
     (run_dir / "data").mkdir(parents=True)
     inside = write_pairs(run_dir / "data" / "train.jsonl", 20)
@@ -93,8 +81,8 @@ def test_an_input_inside_the_run_folder_is_refused_before_any_write(tiny, tmp_pa
     assert snapshot(tmp_path) == before  # nothing written, in the run folder or beside it
 
 
-def test_a_config_the_user_kept_in_the_run_folder_is_neither_read_nor_overwritten(tiny, tmp_path):
-    _, settings = tiny
+def test_a_config_the_user_kept_in_the_run_folder_is_neither_read_nor_overwritten(tiny_run, tmp_path):
+    _, settings = tiny_run
     run_dir = tmp_path / "myrun"
     run_dir.mkdir()
     (run_dir / "config.toml").write_text("# my notes\nseed = 3\n")
@@ -118,8 +106,8 @@ def test_a_stage_folder_holding_a_users_file_is_refused_and_fresh_removes_nothin
         assert snapshot(tmp_path) == before
 
 
-def test_a_folder_the_user_made_where_a_stage_writes_is_refused(tiny, tmp_path):
-    _, settings = tiny
+def test_a_folder_the_user_made_where_a_stage_writes_is_refused(tiny_run, tmp_path):
+    _, settings = tiny_run
     run_dir = tmp_path / "myrun"
     (run_dir / "data").mkdir(parents=True)
     (run_dir / "data" / "train.jsonl").write_text("my own rows\n")
@@ -216,8 +204,8 @@ def test_a_reward_function_read_from_a_run_folder_needs_confirming(finished, tmp
 
 # -- 4. results follow the data's contents ----------------------------------------------------------------------
 
-def test_an_edited_input_redoes_exactly_the_stages_it_feeds(tiny, tmp_path):
-    root, settings = tiny
+def test_an_edited_input_redoes_exactly_the_stages_it_feeds(tiny_run, tmp_path):
+    root, settings = tiny_run
     train = tmp_path / "train.jsonl"
     shutil.copy(next(s for s in settings if s.startswith("data.train=")).partition("=")[2], train)
     settings = [*settings, "--set", f"data.train={train}", "--set", "method=dpo"]
@@ -293,8 +281,8 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
 
 # -- 6. named errors instead of tracebacks ----------------------------------------------------------------------
 
-def test_a_run_dir_that_is_a_file_or_empty_is_named(tiny, tmp_path):
-    _, settings = tiny
+def test_a_run_dir_that_is_a_file_or_empty_is_named(tiny_run, tmp_path):
+    _, settings = tiny_run
     file = tmp_path / "run"
     file.write_text("not a folder")
     code, _, err = _selpo("data", "--run-dir", file, *settings)
@@ -303,8 +291,8 @@ def test_a_run_dir_that_is_a_file_or_empty_is_named(tiny, tmp_path):
     assert code == 1 and "run_dir: empty; name the run's folder" in err
 
 
-def test_a_run_dir_that_cannot_be_written_is_named(tiny):
-    _, settings = tiny
+def test_a_run_dir_that_cannot_be_written_is_named(tiny_run):
+    _, settings = tiny_run
     code, _, err = _selpo("data", "--run-dir", "/sys/selpo-test-run", *settings)
     assert code == 1 and "run_dir: cannot write in /sys/selpo-test-run" in err and "Traceback" not in err
 

@@ -139,7 +139,7 @@ class Alternation:
         ctx, cfg, seed = self.ctx, self.ctx.config.guidance, self.ctx.config.seed
         ctx.print(f"== guidance round {r}: sampling {cfg.samples} responses to {cfg.prompts} prompts from the policy")
         rankings = self._ranked_samples(r, policy)
-        model, tokenizer = ctx.load_reward_model(reward_model_path(ctx, r - 1))
+        model, tokenizer = ctx.load_reward_model(reward_model_path(ctx, r - 1), head=cfg.head)
         micro = min(cfg.micro_batch_size, len(rankings))
         per_step = micro * ctx.accelerator.num_processes  # a batch as close to guidance.batch_size as fits
         loop = dataclasses.replace(cfg, epochs=cfg.retrain_epochs, max_steps=None, micro_batch_size=micro,
@@ -200,7 +200,7 @@ class GuidanceMethod(Method):
                              "reward or set guidance.rounds=0")
 
     def prepare(self, ctx, policy, tokenizer, key):
-        reward_model, _ = ctx.load_reward_model(ctx.model_path("guidance"))
+        reward_model, _ = ctx.load_reward_model(ctx.model_path("guidance"), head=ctx.config.guidance.head)
         examples = weighted_examples(ctx, reward_model, chosen_responses(ctx.pairs("train")))
         del reward_model
         objective = RewardWeightedLikelihood(backend=ctx.config.backend)
@@ -214,7 +214,7 @@ class GuidanceMethod(Method):
     def token_view(self, ctx, pairs, logps):
         """The final reward model's token rewards; the loss reads the chosen responses only."""
         summary = ctx.done_record("train")["summary"]
-        model, _ = ctx.load_reward_model(summary["reward_model"])
+        model, _ = ctx.load_reward_model(summary["reward_model"], head=ctx.config.guidance.head)
         rewards = pair_rewards(ctx.accelerator, model, pairs, batch_size=ctx.config.eval.batch_size)
         return [view_row(p, (c.tolist(), r.tolist()), ([1] * len(c), [0] * len(r)))
                 for p, (c, r) in zip(pairs, rewards)]

@@ -16,22 +16,25 @@
   (the share of such tokens overall);
 - token share: the mean share of response tokens the training loss read, over the training steps.
 
-One model is held at a time; sampling and scoring are sharded over the processes, each with a progress bar.
+One model is held at a time (a LoRA policy on the initial model is the initial model too, its adapter disabled:
+the same weights); sampling and scoring are sharded over the processes, each with a progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
 
-from .. import methods
+from .. import lora, methods
 from ..atomic import write_text_atomic
 from ..context import Context, write_jsonl
 from ..data import TokenizedPair, encode_prompt
 from ..distributed import map_batches
 from ..logprobs import pair_logps
 from ..methods import TokenLogps
+from ..models import resolve_model_path
 from ..rewards import VADER, describe, load_reward
 from ..sentiment import key_token_mask, sample_responses
 from ..trainer import read_metrics
@@ -134,12 +137,15 @@ def run(ctx: Context) -> dict:
     policy_on_samples = sums(logps(policy, policy_samples, "policy log-probs of its samples"))
     policy_test = logps(policy, test_pairs, "policy log-probs of held-out pairs")
     policy_view = logps(policy, view_pairs, "policy log-probs of viewed pairs")
+    shared = lora.adapts(policy, resolve_model_path(run_cfg.model))  # a LoRA policy: the initial model is its base
+    initial = policy if shared else None
     del policy  # one model at a time
-    initial, _ = ctx.load_causal_lm(run_cfg.model)
-    initial_samples = sample(ctx, initial, tokenizer, prompts, "initial model")
-    initial_on_samples = sums(logps(initial, policy_samples, "initial log-probs of the policy's samples"))
-    initial_test = logps(initial, test_pairs, "initial log-probs of held-out pairs")
-    initial_view = logps(initial, view_pairs, "initial log-probs of viewed pairs")
+    initial = initial if shared else ctx.load_causal_lm(run_cfg.model)[0]
+    with lora.adapter_disabled(initial) if shared else contextlib.nullcontext():
+        initial_samples = sample(ctx, initial, tokenizer, prompts, "initial model")
+        initial_on_samples = sums(logps(initial, policy_samples, "initial log-probs of the policy's samples"))
+        initial_test = logps(initial, test_pairs, "initial log-probs of held-out pairs")
+        initial_view = logps(initial, view_pairs, "initial log-probs of viewed pairs")
     del initial
     oracle_test = oracle_view = None
     if has_oracle:

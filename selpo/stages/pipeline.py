@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 
 from .. import config as config_module
+from .. import tracking
 from ..atomic import write_text_atomic
 from ..config import RunConfig
 from ..context import DONE, Context
 from ..input_hashes import input_hashes, input_paths
-from ..run_folder import OWN_FILES, RunFolderError
+from ..run_folder import LOGS, OWN_FILES, RunFolderError
 
 
 @dataclass(frozen=True)
@@ -181,10 +182,27 @@ def working(ctx: Context):
         yield
 
 
+@contextlib.contextmanager
+def tracked(ctx: Context):
+    """The accelerator's trackers (``report_to``) for the block, writing into ``run_dir/logs/`` (a folder kept as a
+    stage's: ``RunFolder.begin_logs``); ended when the block ends, however it ends. Inside ``working``."""
+    if not ctx.accelerator.log_with:
+        yield
+        return
+    _on_main(ctx, ctx.folder.begin_logs)
+    tracking.start(ctx.accelerator, ctx.config)
+    try:
+        yield
+    finally:
+        tracking.finish(ctx.accelerator)
+        if ctx.accelerator.is_main_process:
+            ctx.folder.end_stage(LOGS)
+
+
 def run_stage(ctx: Context, name: str) -> dict:
     """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary. A stage that uses the
     reward (``eval.reward`` among its keys) checks it first (``announce_reward``)."""
-    with working(ctx):
+    with working(ctx), tracked(ctx):
         keys = stages()[name].keys_for(ctx.config.method)
         if "eval" in keys or "eval.reward" in keys:
             announce_reward(ctx)
@@ -225,6 +243,8 @@ def _run_stage(ctx: Context, name: str) -> dict:
     if ctx.accelerator.is_main_process:
         write_text_atomic(ctx.stage_dir(name) / DONE, json.dumps(record, indent=1))
         ctx.folder.end_stage(name)
+        if name == "eval":
+            tracking.log_results(ctx.accelerator, summary)
     ctx.accelerator.wait_for_everyone()
     ctx.print(f"== {name}: done in {record['seconds']} s")
     return record
@@ -248,7 +268,7 @@ def announce_reward(ctx: Context) -> None:
 
 def run_all(ctx: Context) -> dict[str, dict]:
     """Runs every stage of the method that is not done, in order; returns each stage's DONE record."""
-    with working(ctx):
+    with working(ctx), tracked(ctx):
         return _run_all(ctx)
 
 

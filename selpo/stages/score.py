@@ -18,11 +18,13 @@ before scoring, as their code does; under ``"paper"`` it ends where it was cut.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 from accelerate import Accelerator
 
+from .. import lora
 from ..body import layout_of
 from ..config import SCORE_RULES
 from ..context import Context, pair_row, write_jsonl
@@ -32,6 +34,7 @@ from ..distributed import map_batches
 from ..examples import split_packed
 from ..kernels import linear_logprobs, token_scores, topk_mask
 from ..logprobs import response_states
+from ..models import resolve_model_path
 
 
 def released_candidates(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
@@ -85,17 +88,20 @@ def score_pairs(accelerator: Accelerator, oracle, reference, pairs: list[Tokeniz
 
     Sharded over the processes by whole batches, so every pair is scored in the same batch as on one process.
     The body runs in the layout chosen for both models (``selpo.body.layout_of``), padded if they differ.
+    ``reference`` may be ``oracle`` itself, a LoRA adapter on the initial model (``selpo.lora``): the reference is
+    then its base, the same weights with the adapter disabled.
     """
     oracle.eval()
     reference.eval()
-
+    as_reference = lora.adapter_disabled if reference is oracle else contextlib.nullcontext
     layout = layout_of(oracle) if layout_of(oracle) == layout_of(reference) else PADDED
 
     def score(chunk: list[TokenizedPair]):
         batch = collate_pairs(chunk, pad_id, layout).to(accelerator.device)
         with accelerator.autocast():
             h_oracle, oracle_head = response_states(oracle, batch)
-            h_ref, ref_head = response_states(reference, batch)
+            with as_reference(reference):
+                h_ref, ref_head = response_states(reference, batch)
         # Rewards are ranked, so they are computed in float32 (bf16 rounding would make ties).
         h_oracle, h_ref = h_oracle.float(), h_ref.float()
         oracle_head, ref_head = oracle_head.to(torch.float32), ref_head.to(torch.float32)
@@ -118,7 +124,9 @@ def run(ctx: Context) -> dict:
     oracle, tokenizer = ctx.load_causal_lm(ctx.model_path("oracle"))
     if cfg.rule == "released":
         pairs = [with_eos(p, tokenizer.eos_token_id) for p in pairs]
-    reference, _ = ctx.load_causal_lm(run_cfg.model)
+    # A LoRA oracle on the initial model is its own reference (its base): no second copy of the model is loaded.
+    shared = lora.adapts(oracle, resolve_model_path(run_cfg.model))
+    reference = oracle if shared else ctx.load_causal_lm(run_cfg.model)[0]
     scored = score_pairs(ctx.accelerator, oracle, reference, pairs, pad_id=tokenizer.pad_token_id,
                          batch_size=cfg.batch_size, chosen_ratio=cfg.chosen_ratio,
                          rejected_ratio=cfg.rejected_ratio, backend=run_cfg.backend, rule=cfg.rule)
