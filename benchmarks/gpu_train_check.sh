@@ -47,8 +47,11 @@
 #      steps, 5 s of checkpoints, 15 s of eval, so about 30 s; ten runs and the shared stages about 6 minutes,
 #      more than one call's remaining time: it runs for what is left and a second call finishes it. Then
 #      COMPARE-cuda.md and compare-frontier-cuda.png (benchmarks/compare_report.py) from the finished runs.
-#   4. if 150 s are left: the DPO step against TRL's DPOTrainer, with and without checkpointing, and TRL with
-#      Liger's kernels (benchmarks/training_step.py, RESULTS-step-cuda.md). Prediction 2 minutes (six processes).
+#   4. if 150 s are left: the LoRA DPO step (rank 16 on every projection, training_step.LORA) against TRL's
+#      DPOTrainer with the same PEFT adapter, then the full DPO step against it, each with and without
+#      checkpointing and TRL also with Liger's kernels (benchmarks/training_step.py --part lora, then --part dpo,
+#      into one RESULTS-step-cuda.md: a part cut off by the time limit leaves the one before it). Prediction 2
+#      minutes per part (six processes each).
 # Everything the call returns is under OUT_DIR: gpu-train.log (all output), layouts-attention.md, train-check.md,
 # COMPARE-cuda.md, compare-frontier-cuda.png, RESULTS-step-cuda.md.
 set -uo pipefail
@@ -143,11 +146,13 @@ if has compare && [ "$(left)" -gt 60 ]; then
         --plot "$out/compare-frontier-cuda.png" --command "${compare[*]}" 2>&1 | tee -a "$log"
 fi
 
-# 4. The DPO step against TRL's DPOTrainer, if time is left.
-if has step && [ "$device" = cuda ] && [ "$(left)" -gt 150 ]; then
-    part=$SECONDS
-    timeout "$(( $(left) - 10 ))" python3 -m benchmarks.training_step --device cuda \
-        --out "$out/RESULTS-step-cuda.md" >> "$log" 2>&1
-    echo "training_step exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
-fi
+# 4. The LoRA DPO step, then the full DPO step, against TRL's DPOTrainer, while time is left.
+for step_part in lora dpo; do
+    if has step && [ "$device" = cuda ] && [ "$(left)" -gt 150 ]; then
+        part=$SECONDS
+        timeout "$(( $(left) - 10 ))" python3 -m benchmarks.training_step --device cuda --part "$step_part" \
+            --out "$out/RESULTS-step-cuda.md" >> "$log" 2>&1
+        echo "training_step --part $step_part exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
+    fi
+done
 echo "gpu_train_check took $(( SECONDS - start )) s" | tee -a "$log"

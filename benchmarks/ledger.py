@@ -32,6 +32,8 @@ from selpo.kernels.streaming import launch
 
 from .family_logprobs import PRODUCTS
 
+# A frozen head's floors (a LoRA model's, selpo.lora): the same products without dL/dweight.
+FROZEN = {case: tuple(p for p in products if p != "grad_weight") for case, products in PRODUCTS.items()}
 HEADLINE = dict(n=16384, d=4096, v=128256)
 # The row counts the table predicts at: a long packed batch, a micro-batch, a small one.
 NS = (16384, 2048, 512)
@@ -147,18 +149,29 @@ def op_calls(hidden, weight, targets, cu, mask, backend: str) -> dict:
         logp = linear_logprobs(hidden, weight, targets, backend=backend)
         torch.autograd.grad(logp, (hidden, weight), torch.ones_like(logp))
 
+    def forward_backward_frozen():  # a LoRA model's head (selpo.lora): no dL/dweight
+        logp = linear_logprobs(hidden, weight.detach(), targets, backend=backend)
+        torch.autograd.grad(logp, hidden, torch.ones_like(logp))
+
     def sepo():
         loss, _ = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss="sepo", backend=backend)
         torch.autograd.grad(loss, (hidden, weight))
+
+    def sepo_frozen():
+        loss, _ = linear_selective_loss(hidden, weight.detach(), targets, cu, mask=mask, loss="sepo", backend=backend)
+        torch.autograd.grad(loss, hidden)
 
     def scores():  # topk_mask then reads the [N] scores once: nothing next to this
         h, w = hidden.detach(), weight.detach()
         token_scores(h, w, h, w, targets, backend=backend)
 
+    percent = round(100 * selected / n)
     return {"linear_logprobs forward": (forward, n, PRODUCTS["fwd"]),
             "linear_logprobs forward+backward": (forward_backward, n, PRODUCTS["fwd+bwd"]),
-            f"SePO loss, {round(100 * selected / n)}% selected, forward+backward": (sepo, selected,
-                                                                                  PRODUCTS["bwd-30%"]),
+            "linear_logprobs forward+backward, head frozen (LoRA)": (forward_backward_frozen, n,
+                                                                     FROZEN["fwd+bwd"]),
+            f"SePO loss, {percent}% selected, forward+backward": (sepo, selected, PRODUCTS["bwd-30%"]),
+            f"SePO loss, {percent}% selected, head frozen (LoRA)": (sepo_frozen, selected, FROZEN["bwd-30%"]),
             "token_scores": (scores, n, ("logits", "logits"))}
 
 

@@ -17,6 +17,10 @@ dpo: selpo's trainer (``selpo.trainer.train`` with ``selpo.methods.DPO``, padded
     the first step (which creates the optimizer state) left out. TRL tokenizes text, so the pairs are made of
     words that are one token each and TRL's token ids are checked to be selpo's before anything is timed.
 
+lora: the dpo part's two trainers training a LoRA adapter instead of every weight (``LORA``: the same adapter for
+    both, through PEFT; selpo's ``lora_rank``, TRL's ``peft_config``), each computing the reference log-probs with
+    the adapter disabled before training.
+
 layouts: one DPO and one SePO step of selpo's trainer (activations stored, its default) with the body's batch in
     each token layout, padded, packed and shared (``selpo.data.packing``), on a dialogue set shaped like public
     multi-turn preference data (``benchmarks.dialogue_data``) and on the packaged sentiment data; on the dialogue
@@ -34,9 +38,9 @@ the resident set it starts with (the model, its optimizer state and the batch), 
 allocation is mmap'ed, so that the resident set follows the live tensors (see ``run_all``); on CUDA the same from
 ``torch.cuda.max_memory_allocated``. A run of some parts keeps the other parts' sections of an existing report.
 
-    python -m benchmarks.training_step                            # CPU, float32, sepo and dpo: RESULTS-step.md
+    python -m benchmarks.training_step                            # CPU, float32, sepo, dpo, lora: RESULTS-step.md
     python -m benchmarks.training_step --part layouts --dialogue half --rounds 1   # CPU: its layouts section
-    python -m benchmarks.training_step --device cuda              # the dpo part on a GPU, bf16 autocast
+    python -m benchmarks.training_step --device cuda              # the dpo and lora parts on a GPU, bf16 autocast
     python -m benchmarks.training_step --part attention --device cuda --out FILE   # the GPU check of the layouts
     python -m benchmarks.training_step --part dpo --tiny --out X  # toy size, to check the code (the tests)
 """
@@ -87,6 +91,10 @@ from .harness import REPO, Step, _reset_high_water_mark, _status_kib, measure_pe
 
 RATIO = 0.3  # share of response tokens the SePO step selects
 SEPO_VARIANTS = ("fused", "full-logits")
+# The lora part's adapter: rank 16, alpha 32 on every attention and MLP projection (selpo's default targets), a
+# common choice for DPO on a 7-8B model, without dropout (which would only add the same noise to both trainers).
+LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": LoopConfig.lora_targets}
+LORA_TARGET = 0.6  # the lora part's target: selpo's step time and peak as a share of TRL's
 LAYOUT_SETS = ("dialogue", "sentiment")
 LAYOUT_METHODS = ("dpo", "sepo")
 # Targets of the layouts part: the shared step's time and peak as a share of the padded step's, per data set.
@@ -234,7 +242,8 @@ def step_pairs(data: str, tokenizer, size: Size) -> list[TokenizedPair]:
                           max_prompt_length=size.dialogue.max_prompt, strict=True)[0]
 
 
-def measure_selpo_dpo(checkpointing: bool, size: Size, device: str) -> dict:
+def measure_selpo_dpo(checkpointing: bool, size: Size, device: str, lora: bool = False) -> dict:
+    """selpo's trainer on the words pairs, training every weight or (``lora``) the ``LORA`` adapter."""
     accelerator = make_accelerator(RunConfig(device=device))  # bf16 autocast on a GPU, float32 on CPU
     model, tokenizer = load_causal_lm(size.model, device=accelerator.device)
     backend = "triton" if accelerator.device.type == "cuda" else "torch"
@@ -243,12 +252,19 @@ def measure_selpo_dpo(checkpointing: bool, size: Size, device: str) -> dict:
                                     batch_size=size.pairs, backend=backend)
     # The last step also writes the final checkpoint: it runs untimed, after the measured ones.
     loop = LoopConfig(batch_size=size.pairs, micro_batch_size=size.pairs, lr=1e-6, max_steps=size.rounds + 2,
-                      save_every=0, warmup_ratio=0.0, gradient_checkpointing=checkpointing)
+                      save_every=0, warmup_ratio=0.0, gradient_checkpointing=checkpointing,
+                      **({"lora_rank": LORA["rank"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+                          "lora_targets": LORA["targets"]} if lora else {}))
     meter = StepMeter(accelerator.device.type)
     with tempfile.TemporaryDirectory() as out:
-        train(accelerator, model, tokenizer, DPO(beta=0.1, backend=backend), examples, loop, out, seed=0,
-              before_step=lambda step, lm: meter.begin(), on_step=lambda done: meter.end())
-    return meter.after_first(size.rounds)
+        trained = train(accelerator, model, tokenizer, DPO(beta=0.1, backend=backend), examples, loop, out, seed=0,
+                        before_step=lambda step, lm: meter.begin(), on_step=lambda done: meter.end())
+    return {**meter.after_first(size.rounds), "trained_params": trained_params(trained)}
+
+
+def trained_params(model: torch.nn.Module) -> int:
+    """How many parameters of ``model`` the optimizer trained (those requiring a gradient)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def selected_masks(pairs: list[TokenizedPair], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -337,14 +353,21 @@ class Recorded(logging.Handler):
 
 
 def measure_trl_dpo(data: str, checkpointing: bool, size: Size, device: str, liger: bool,
-                    padding_free: bool = False) -> dict:
-    """TRL's DPOTrainer on ``data``'s micro-batch (as text, checked to tokenize to selpo's ids). With
+                    padding_free: bool = False, lora: bool = False) -> dict:
+    """TRL's DPOTrainer on ``data``'s micro-batch (as text, checked to tokenize to selpo's ids), training every
+    weight or (``lora``) the ``LORA`` adapter, given as PEFT's ``LoraConfig``. With
     ``padding_free``, what TRL answered to ``padding_free=True`` (its warning, or the error it raised, after which
     it runs padded), whether it ran padding-free, and the body's tokens in the layout it ran."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules=LORA["targets"].split(","), task_type="CAUSAL_LM")
     model, tokenizer = load_causal_lm(size.model, device=device)
     pairs = step_pairs(data, tokenizer, size)
     text = tokenizer.decode
@@ -369,7 +392,7 @@ def measure_trl_dpo(data: str, checkpointing: bool, size: Size, device: str, lig
                            padding_free=free, max_length=None, logging_strategy="no", save_strategy="no",
                            report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0)
         return DPOTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer,
-                          callbacks=[Hooks()])
+                          peft_config=peft_config, callbacks=[Hooks()])
 
     answer = {}
     with tempfile.TemporaryDirectory() as out:
@@ -389,7 +412,7 @@ def measure_trl_dpo(data: str, checkpointing: bool, size: Size, device: str, lig
             raise RuntimeError("TRL's tokenization of the pairs differs from the token ids selpo is given")
         dpo.train()
     if not padding_free:
-        return meter.after_first(size.rounds)
+        return {**meter.after_first(size.rounds), "trained_params": trained_params(dpo.model)}
     layout = PACKED if answer["padding_free_used"] else PADDED  # padding-free: each sequence its own segment
     return {**meter.after_first(size.rounds), **answer, **token_counts(pairs, tokenizer.pad_token_id, layout)}
 
@@ -403,10 +426,11 @@ def measure(job: dict) -> dict:
         return measure_sepo(job["variant"], job["checkpointing"], size)
     if job["variant"].startswith("trl"):
         return measure_trl_dpo(job["data"], job["checkpointing"], size, job["device"],
-                               liger=job["variant"] == "trl-liger", padding_free=job["part"] == "layouts")
+                               liger=job["variant"] == "trl-liger", padding_free=job["part"] == "layouts",
+                               lora=job["part"] == "lora")
     if job["part"] == "layouts":
         return {"layouts": measure_layouts(job["method"], job["data"], job["order"], size, job["device"])}
-    return measure_selpo_dpo(job["checkpointing"], size, job["device"])
+    return measure_selpo_dpo(job["checkpointing"], size, job["device"], lora=job["part"] == "lora")
 
 
 def jobs(parts: list[str], device: str, size: Size, sets: tuple[str, ...] = LAYOUT_SETS,
@@ -606,6 +630,7 @@ def attention_report(results: list[dict], device: str, size: Size, command: str,
 
 SECTIONS = {"sepo": "## SePO step: fused ops against full logits",
             "dpo": "## DPO step: selpo's trainer against TRL's DPOTrainer",
+            "lora": "## LoRA DPO step: selpo's trainer against TRL's DPOTrainer, the same adapter",
             "layouts": "## Token layouts: padded against packed against shared"}
 
 
@@ -667,7 +692,7 @@ def sepo_section(results: list[dict], device: str, size: Size) -> list[str]:
                     [("median step time", "median_s", "s"), ("peak over model+optimizer", "peak_extra_bytes", "MiB")])
 
 
-def dpo_section(results: list[dict], device: str, size: Size) -> list[str]:
+def dpo_section(results: list[dict], device: str, size: Size, adapter: bool = False) -> list[str]:
     memory = "allocated tensors (torch.cuda.max_memory_allocated)" if device == "cuda" else "resident set (VmHWM)"
     return [f"- step: {size.pairs} pairs, {size.prompt_len} prompt + {size.response_len} response tokens each; "
             f"{timing_line(device, size, 'dpo')}", "",
@@ -678,9 +703,22 @@ def dpo_section(results: list[dict], device: str, size: Size) -> list[str]:
             "checkpointing its RMSNorms only, and the attention kernels' outputs kept from the forward, "
             "`selpo.recompute`; TRL: transformers' full checkpointing), both in the padded layout. Peak: the "
             f"{memory} during the step, and what the step adds to what it starts with. × trl: against TRL's "
-            "DPOTrainer with the same activations setting.", ""] + \
+            "DPOTrainer with the same activations setting." + (lora_line() if adapter else ""), ""] + \
         ratio_table(results, "trl", lambda r: DPO_VARIANTS[r["variant"]],
                     [("median step time", "median_s", "s")] + PEAKS)
+
+
+def lora_line() -> str:
+    return (f" Both train the same LoRA adapter, through PEFT (rank {LORA['rank']}, alpha {LORA['alpha']:g}, dropout "
+            f"{LORA['dropout']:g}, on {LORA['targets'].replace(',', ', ')}; the output head frozen) and compute the "
+            "reference log-probs with the adapter disabled (the same base weights, no second model). Target: selpo "
+            f"at most {LORA_TARGET}× TRL's time and peak.")
+
+
+def lora_section(results: list[dict], device: str, size: Size) -> list[str]:
+    trained = ", ".join(f"{DPO_VARIANTS[v]} {n:,}" for v, n in
+                        {r["variant"]: r["trained_params"] for r in results}.items())
+    return dpo_section(results, device, size, adapter=True) + ["", f"Parameters trained: {trained}."]
 
 
 def batch_line(data: str, pairs: list[TokenizedPair]) -> str:
@@ -748,7 +786,8 @@ def write_report(results: list[dict], device: str, size: Size, command: str, pat
     model = "SmolLM2-135M-Instruct" if size.model == "default" else size.model
     run = f"- {run_line(device, command)}"
     sections = {}
-    for part, section in (("sepo", sepo_section), ("dpo", dpo_section), ("layouts", layouts_section)):
+    for part, section in (("sepo", sepo_section), ("dpo", dpo_section), ("lora", lora_section),
+                          ("layouts", layouts_section)):
         chosen = [r for r in results if r["part"] == part]
         if chosen:
             extra = (layouts["stats"], layouts["batches"]) if part == "layouts" else ()
@@ -789,8 +828,9 @@ def layouts_context(size: Size, sets: tuple[str, ...]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--part", help="comma-separated parts, sepo, dpo and/or layouts (default: sepo and dpo on "
-                                       "CPU, dpo on CUDA; the sepo part runs on CPU only), or attention alone")
+    parser.add_argument("--part", help="comma-separated parts, sepo, dpo, lora and/or layouts (default: sepo, dpo and "
+                                       "lora on CPU, dpo and lora on CUDA; the sepo part runs on CPU only), or "
+                                       "attention alone")
     parser.add_argument("--data", default=",".join(LAYOUT_SETS), help="the layouts part's data sets")
     parser.add_argument("--methods", default=",".join(LAYOUT_METHODS), help="the layouts part's methods")
     parser.add_argument("--dialogue", choices=SHAPES, default="full", help="the dialogues' shape (half: the CPU's)")
@@ -803,12 +843,12 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return
-    parts = (args.part or ("sepo,dpo" if args.device == "cpu" else "dpo")).split(",")
+    parts = (args.part or ("sepo,dpo,lora" if args.device == "cpu" else "dpo,lora")).split(",")
     sets, methods = tuple(args.data.split(",")), tuple(args.methods.split(","))
-    if (parts != ["attention"] and set(parts) - {"sepo", "dpo", "layouts"}) or \
+    if (parts != ["attention"] and set(parts) - {"sepo", "dpo", "lora", "layouts"}) or \
             (args.device == "cuda" and "sepo" in parts) or set(sets) - set(LAYOUT_SETS) or \
             set(methods) - set(LAYOUT_METHODS):
-        parser.error(f"--part takes sepo, dpo and/or layouts (sepo on CPU only) or attention alone, --data "
+        parser.error(f"--part takes sepo, dpo, lora and/or layouts (sepo on CPU only) or attention alone, --data "
                      f"{LAYOUT_SETS}, --methods {LAYOUT_METHODS}; got {args.part!r}, {args.data!r}, {args.methods!r}")
     name = ("RESULTS-step.md" if args.device == "cpu" else "RESULTS-step-cuda.md") if parts != ["attention"] \
         else f"RESULTS-attention-{args.device}.md"

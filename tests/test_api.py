@@ -1,7 +1,10 @@
 """selpo from Python (selpo.api): ``selpo.run`` and ``selpo.run_stage`` on the tiny model and data, taking the
 configuration as the command line does and returning what the stages recorded."""
 
+import contextlib
+import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -90,3 +93,24 @@ def test_a_config_as_object_dict_or_toml_file_gives_the_same(tiny, tmp_path):
     resolved = [api.resolve_config(source, items) for source in (config, as_dict, path)]
     assert resolved[0] == resolved[1] == resolved[2]
     assert resolved[0].seed == 3 and resolved[0].train.lr == 1e-6 and resolved[0].data.max_test_pairs is None
+
+
+def test_the_readmes_python_block_runs_on_the_tiny_model(tiny, tmp_path, monkeypatch):
+    """README's ``selpo.run`` example as it is written, starting from the tiny model and data instead of the
+    defaults: a LoRA DPO run logged to TensorBoard, printing the policy's and the initial model's reward."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```py\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1 and "selpo.run(" in blocks[0]
+    _, config = tiny
+    real_run = selpo.run
+    monkeypatch.setattr(selpo, "run", lambda *args, **options: real_run(config, **options))
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(blocks[0], {})
+    policy, initial = (float(x) for x in printed.getvalue().splitlines()[-1].split())
+    run_dir = tmp_path / "runs" / "lora"
+    results = json.loads((run_dir / "eval" / DONE).read_text())["summary"]
+    assert (policy, initial) == (results["policy"]["reward"], results["initial"]["reward"])
+    assert (run_dir / "train" / "model" / "adapter_config.json").is_file()
+    assert list((run_dir / LOGS).rglob("events.out.tfevents.*"))

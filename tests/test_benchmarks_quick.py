@@ -5,6 +5,7 @@ RESULTS.md and a plot), and the check's flagging of wrong outputs. The full suit
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -109,27 +110,38 @@ def test_wrong_result_is_shown_as_wrong(benchmarks_pkg):
     assert report.fmt_correct({"status": "n/a", "reason": "why"}) == "n/a: why"
 
 
-def test_dpo_step_against_trl_runs_at_toy_size(tmp_path):
-    """benchmarks/training_step.py's DPO part end to end on the tiny model: selpo's trainer and TRL's DPOTrainer
-    each take their steps (on the same token ids, which the benchmark checks before timing) in fresh processes,
-    two each for the times, and the report holds both, timed and measured, with and without checkpointing (35 s on
-    2 cores)."""
+def test_dpo_and_lora_steps_against_trl_run_at_toy_size(tmp_path):
+    """benchmarks/training_step.py's DPO and LoRA parts end to end on the tiny model: selpo's trainer and TRL's
+    DPOTrainer each take their steps (on the same token ids, which the benchmark checks before timing; in the LoRA
+    part both training the same PEFT adapter) in fresh processes, two each for the times, and the report holds both
+    parts, timed and measured, with and without checkpointing (70 s on 2 cores)."""
     out = tmp_path / "RESULTS-step.md"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.training_step", "--part", "dpo", "--tiny", "--out",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.training_step", "--part", "dpo,lora", "--tiny", "--out",
                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
-    assert "## DPO step: selpo's trainer against TRL's DPOTrainer" in text and "## SePO step" not in text
-    assert "median of 2 steps from two fresh processes per variant, run in the order A B, B A" in text
-    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
-            if line.startswith(("| selpo trainer", "| TRL DPOTrainer"))]
-    assert [(r[0], r[1]) for r in rows] == [
-        ("selpo trainer, DPO", "stored"), ("TRL DPOTrainer", "stored"),
-        ("selpo trainer, DPO", "recomputed (checkpointing)"), ("TRL DPOTrainer", "recomputed (checkpointing)")]
-    for r in rows:
-        assert float(r[2].removesuffix(" s")) > 0 and float(r[4].removesuffix(" MiB")) > 0
-        if r[0] == "TRL DPOTrainer":
-            assert r[3] == r[5] == "1.00×"
+    assert "## SePO step" not in text
+    dpo_heading = "## DPO step: selpo's trainer against TRL's DPOTrainer"
+    lora_heading = "## LoRA DPO step: selpo's trainer against TRL's DPOTrainer, the same adapter"
+    assert text.index(dpo_heading) < text.index(lora_heading)
+    sections = {"dpo": text[text.index(dpo_heading):text.index(lora_heading)], "lora": text[text.index(lora_heading):]}
+    assert "Both train the same LoRA adapter, through PEFT (rank 16, alpha 32" in sections["lora"]
+    trained = re.search(r"Parameters trained: selpo trainer, DPO ([\d,]+), TRL DPOTrainer ([\d,]+)\.",
+                        sections["lora"])
+    # the same adapter on both: rank 16 on the tiny Llama's 2 layers of 4 attention projections (32 -> 32) and 3 MLP
+    # projections (32 <-> 64), nothing else
+    assert trained and trained.group(1) == trained.group(2) == f"{2 * 16 * (4 * (32 + 32) + 3 * (32 + 64)):,}"
+    for section in sections.values():
+        assert "median of 2 steps from two fresh processes per variant, run in the order A B, B A" in section
+        rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines()
+                if line.startswith(("| selpo trainer", "| TRL DPOTrainer"))]
+        assert [(r[0], r[1]) for r in rows] == [
+            ("selpo trainer, DPO", "stored"), ("TRL DPOTrainer", "stored"),
+            ("selpo trainer, DPO", "recomputed (checkpointing)"), ("TRL DPOTrainer", "recomputed (checkpointing)")]
+        for r in rows:
+            assert float(r[2].removesuffix(" s")) > 0 and float(r[4].removesuffix(" MiB")) > 0
+            if r[0] == "TRL DPOTrainer":
+                assert r[3] == r[5] == "1.00×"
 
 
 def test_step_times_come_from_two_processes_per_variant_in_alternation(benchmarks_pkg, monkeypatch):

@@ -49,8 +49,8 @@ def flops_by_gemm(book):
 
 
 def test_gemms_at_the_headline_shape(headline):
-    """Forward: one product of all rows; forward+backward: four (logits, recomputed logits, two gradients);
-    the SePO loss: three over the selected rows only; scores: one per model."""
+    """Forward: one product of all rows; forward+backward: four (logits, recomputed logits, two gradients), three
+    with the head frozen; the SePO loss: three over the selected rows only (two frozen); scores: one per model."""
     assert flops_by_gemm(headline["linear_logprobs forward"].book) == {"logits": GEMM}
     assert flops_by_gemm(headline["linear_logprobs forward+backward"].book) == \
         {"logits": 2 * GEMM, "grad_weight": GEMM, "grad_hidden": GEMM}
@@ -63,6 +63,11 @@ def test_gemms_at_the_headline_shape(headline):
     assert flops_by_gemm(headline["linear_logprobs backward, 30% of rows"].book) == \
         {"logits": per_row * selected, "grad_weight": per_row * selected, "grad_hidden": per_row * selected}
     assert flops_by_gemm(headline["token_scores"].book) == {"logits": 2 * GEMM}
+    # A frozen head (LoRA): three GEMMs where a trained one has four, none for dL/dweight.
+    assert flops_by_gemm(headline["linear_logprobs forward+backward, head frozen (LoRA)"].book) == \
+        {"logits": 2 * GEMM, "grad_hidden": GEMM}
+    assert flops_by_gemm(headline["SePO loss, 30% selected, head frozen (LoRA)"].book) == \
+        {"logits": per_row * selected, "grad_hidden": per_row * selected}
 
 
 def test_each_logits_tile_is_read_once(headline):
@@ -213,7 +218,7 @@ def test_predictions_at_three_sizes(capsys):
     rows = {(r[0].removeprefix("| "), int(r[1])): [float(cell.split("= ")[1].rstrip("×")) for cell in r[8:10]]
             for r in rows if r[1].isdigit()}
     assert BENCH.NS == (16384, 2048, 512)
-    assert sorted(n for _, n in rows) == sorted(BENCH.NS * 5)
+    assert sorted(n for _, n in rows) == sorted(BENCH.NS * 7)
     assert all(1.0 <= ratio < 3.0 for ratios in rows.values() for ratio in ratios)
     for (name, n), target in BENCH.TARGETS.items():
         if n == 2048:
