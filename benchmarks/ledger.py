@@ -22,6 +22,7 @@ each over all its rows at once, costed the same way (the suite's floor, benchmar
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -203,6 +204,8 @@ def comm_per_call(n: int, d: int, v: int, world: int, dtype: torch.dtype = torch
     beside the bytes of the [N, V] logits that gathering them would move. The shard is planted directly (the
     ledger's dry run has no process group); the collectives are recorded where the ops make them."""
     from selpo.kernels.linear_logprobs import LinearLogprobs
+    from selpo.kernels.losses.sepo import SEPO
+    from selpo.kernels.selective_loss.compact import CompactLoss
     from selpo.kernels.streaming.fused_loss import selective_loss_fused
     from selpo.kernels.streaming.passes import Passes
     from selpo.kernels.streaming.shard import VocabShard
@@ -219,8 +222,9 @@ def comm_per_call(n: int, d: int, v: int, world: int, dtype: torch.dtype = torch
     def sepo():
         rows = torch.nonzero(mask).squeeze(1)
         cu_sel = torch.cat([torch.zeros(1, dtype=torch.int64), mask.long().cumsum(0)])[cu.long()].tolist()
+        start_loss = functools.partial(CompactLoss, SEPO, SEPO.check_options({}), {}, "torch", torch.float32, True)
         selective_loss_fused(Passes("torch", 1.0, None), hidden.detach(), weight.detach(), None, targets, cu_sel, rows,
-                             "sepo", True, None, None, {"gamma": 1.0, "margin": 0.0}, (True, True, False), shard)
+                             True, start_loss, (True, True, False), shard)
 
     lines = [f"Vocabulary-parallel head over {world} processes (shards of {size} rows), N={n}, D={d}, V={v}: "
              f"bytes each process sends into all-reduces per call (the [N, V] logits in {dtype}: "

@@ -283,13 +283,12 @@ def trainer_step(accelerator, model, objective, examples: list[Example], loop: L
     AdamW prepared by Accelerate, a constant learning rate) and calls its step function, without its loop, log and
     checkpoints."""
     model.train()
-    with trainer._own_registrations(accelerator), lean_body(model, mlp=not loop.gradient_checkpointing):
-        module, optimizer = trainer._prepare_with_optimizer(accelerator, trainer.ObjectiveModule(model, objective),
-                                                             loop)
+    with trainer.own_accelerator(accelerator) as own, lean_body(model, mlp=not loop.gradient_checkpointing):
+        module, optimizer = trainer._prepare_with_optimizer(own, trainer.ObjectiveModule(model, objective), loop)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         every = list(range(len(examples)))
-        yield lambda layout: trainer._optimizer_step(accelerator, module, optimizer, scheduler, examples, every, loop,
-                                                     pad_id, layout)
+        yield lambda layout: trainer._optimizer_step(own, module, optimizer, scheduler, examples, every, loop, pad_id,
+                                                     layout)
 
 
 def measure_layouts(method: str, data: str, order: list[str], size: Size, device: str) -> dict[str, dict]:

@@ -1,9 +1,9 @@
-"""Which implementation of an op runs: Triton kernels, the chunked PyTorch path, or the naive reference.
+"""Which implementation of an op runs: Triton kernels, the PyTorch path, or the naive reference.
 
 Every public op takes ``backend=``:
 
 * ``"auto"`` (default): Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``
-  (Triton's interpreter); the chunked PyTorch path otherwise. The environment variable
+  (Triton's interpreter); the PyTorch path otherwise. The environment variable
   ``SELPO_BACKEND`` replaces ``"auto"`` by a fixed choice.
 * ``"triton"``, ``"torch"``, ``"naive"``: that implementation, whatever the device.
 """

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+from .backend import resolve_backend
+from .streaming.shard import split_head
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -91,3 +97,50 @@ def check_mask(name: str, mask: torch.Tensor, n: int) -> None:
 def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """A finite Python/NumPy real (> 0 when ``positive``), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def resolve(name: str, t: torch.Tensor, backend: str, shard=None) -> str:
+    """The concrete backend for the op's input ``t`` (named ``name``): Triton's kernels take no float64, and the
+    naive reference builds full logits on one process, so it takes no vocabulary ``shard``."""
+    backend = resolve_backend(backend, t.device)
+    if backend == "naive" and shard is not None:
+        raise ValueError("process_group: the naive backend builds full logits on one process; use torch or triton")
+    if backend == "triton" and t.dtype == torch.float64:
+        raise TypeError(f"{name}: the triton backend takes float32, bfloat16 or float16, got float64")
+    return backend
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
+               ignore_index: int, temperature: float, softcap: float | None, process_group):
+    """Checks the arguments of a linear head (hidden [N, D], weight [V, D], bias [V], targets [N], temperature,
+    softcap); returns (this process's rows of the weight, its ``VocabShard`` or None: ``shard.split_head``)."""
+    check_float("hidden", hidden, 2)
+    check_float("weight", weight, 2)
+    weight, shard = split_head(weight, process_group)
+    n, d = hidden.shape
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must have shape [V, D={d}], got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if bias is not None:
+        check_float("bias", bias, 1)
+        check_length("bias", bias, weight.shape[0], "V")
+    check_targets(targets, n, weight.shape[0] if shard is None else shard.vocab, ignore_index)
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_same_dtype(hidden=hidden, weight=weight, bias=bias)
+    check_positive("temperature", temperature)
+    if softcap is not None:
+        check_positive("softcap", softcap)
+    return weight, shard

@@ -124,11 +124,6 @@ class Ledger:
     def bytes(self) -> int:
         return sum(e.bytes for e in self.entries)
 
-    @property
-    def comm_bytes(self) -> int:
-        """Bytes sent into collectives (all-reduces of a vocabulary-parallel head), left out of ``predict``."""
-        return sum(e.bytes for e in self.entries if e.kind == "comm")
-
     def predict(self, gpu: GPU) -> float:
         """Seconds on ``gpu``, on a timeline of two queues: the host issues the kernels in order, ``launch_s``
         each, and the device runs each once it is issued and the previous one is done; a sync holds the host

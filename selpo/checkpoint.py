@@ -121,14 +121,13 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def load(accelerator: Accelerator, folder: str | Path, objects: dict) -> None:
-    """Restores the model, optimizer, RNG states and ``objects`` saved by ``save``; a missing or damaged
-    file is a ``CheckpointError`` naming it."""
+def load(accelerator: Accelerator, folder: str | Path, model: torch.nn.Module, objects: dict) -> None:
+    """Restores ``model`` (the one the accelerator prepared), its optimizer, the RNG states and ``objects`` saved by
+    ``save``; a missing or damaged file is a ``CheckpointError`` naming it."""
     folder = Path(folder)
     try:
         # A checkpoint without the frozen weights (_frozen_names) loads into the model that holds them already.
-        strict = all(_frozen_names(model) is None for model in accelerator._models)
-        accelerator.load_state(str(folder), strict=strict)
+        accelerator.load_state(str(folder), strict=_frozen_names(model) is None)
         for key, obj in objects.items():
             obj.load_state_dict(torch.load(folder / f"{key}.pt", weights_only=True))
     except Exception as e:

@@ -17,18 +17,30 @@ from pathlib import Path
 
 from . import api, progress
 from . import config as config_module
-from .stages import StageError, stages
+from .stages import StageError, pipeline, stages
+from .stages.pipeline import keys as stage_keys
 
-CONFIG_HELP = ("TOML file with run-wide keys at the top and [data], [oracle], [guidance], [score], [train], [eval], "
-               "[report] tables")
 SET_HELP = "override one key, e.g. --set train.lr=1e-6 --set seed=1 (repeatable; see `selpo config --keys`)"
 
 
-def _keys_epilog(keys: tuple[str, ...]) -> str:
-    sections = [k for k in keys if k in config_module.section_names()]
-    run_wide = [k for k in keys if k not in sections]
+def config_help() -> str:
+    """What --config takes: a TOML file with the run-wide keys at the top and a table per section."""
+    tables = ", ".join(f"[{name}]" for name in config_module.section_names())
+    return f"TOML file with run-wide keys at the top and {tables} tables (see `selpo config --keys`)"
+
+
+def _keys_epilog(stage: str) -> str:
+    """The keys stage ``stage`` depends on under any method that runs it (``selpo.stages.pipeline.keys``)."""
+    from . import methods
+
+    keys = dict.fromkeys(k for m in methods.names() if stage in pipeline(m) for k in stage_keys(m, stage))
+    sections = config_module.section_names()
+    run_wide = [k for k in keys if k not in sections and "." not in k]
     parts = [config_module.describe(None, run_wide)] if run_wide else []
-    parts += [config_module.describe(s) for s in sections]
+    for key in keys:
+        section, _, name = key.partition(".")
+        if section in sections:
+            parts.append(config_module.describe(section, [name] if name else None))
     return "configuration keys this stage depends on (set with --set KEY=VALUE):\n" + "\n".join(parts)
 
 
@@ -36,12 +48,12 @@ def _stages_epilog() -> str:
     """The stages each registered method runs, in order (``method = NAME`` picks one)."""
     from . import methods
 
-    lines = [f"  {name}: {' -> '.join(methods.get(name).stages)}" for name in methods.names()]
+    lines = [f"  {name}: {' -> '.join(pipeline(name))}" for name in methods.names()]
     return "stages each method runs (--set method=NAME):\n" + "\n".join(lines)
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    parser.add_argument("--config", metavar="FILE", help=config_help())
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
 
 
@@ -67,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
     for stage in stages().values():
-        reads = ", ".join(stage.needs) or "nothing but the data files"
+        reads = ("every stage its method runs before it" if stage.needs is None else
+                 ", ".join(stage.needs) or "nothing but the data files")
         sub = commands.add_parser(stage.name, help=stage.help,
                                   description=f"{stage.help}. Reads the outputs of: {reads} (those its method runs); "
                                   f"writes run_dir/{stage.name}/. Runs again even if already done.",
-                                  epilog=_keys_epilog(stage.keys), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  epilog=_keys_epilog(stage.name), formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(sub)
         sub.add_argument("--fresh", action="store_true", help=f"delete run_dir/{stage.name}/ first (checkpoints "
                          "included) instead of resuming an interrupted training")
@@ -87,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "already done in the run folder with the same configuration (a stage whose keys "
                               "changed, or that follows a redone one, runs again). A killed training stage resumes "
                               "from its last checkpoint. Ends with a results table and the report's path.",
-                              epilog=_stages_epilog() + "\n\n" + CONFIG_HELP,
+                              epilog=_stages_epilog() + "\n\n" + config_help(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(run)
     comp = commands.add_parser("compare", help="run the methods side by side and write a comparison report",
@@ -96,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "writes DIR/compare.html (reward-vs-KL frontier, a table per method, token "
                                "heatmaps), DIR/compare.md and DIR/frontier.png. Its default size is smaller than "
                                "`selpo run`'s (see selpo.compare.DEFAULTS; --config or --set override it).",
-                               epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_settings(comp)
     comp.add_argument("--quiet", action="store_true", help="no progress bars")
     comp.add_argument("--dir", default="runs/compare", help="folder of the runs and the report (default runs/compare)")
     comp.add_argument("--methods", default="", help="comma-separated methods (default: every registered one)")
     comp.add_argument("--grid", metavar="METHOD=KEY:V1,V2", action="append", default=[],
-                      help="the strength values of a method, e.g. dpo=train.beta:0.05,0.1,0.5 (repeatable)")
+                      help="the strength values of a method, e.g. dpo=dpo.beta:0.05,0.1,0.5 (repeatable)")
     show = commands.add_parser("config", help="print the configuration in use (TOML, documented) or all keys",
                                description="Prints the resolved configuration as a TOML file with every key "
                                "documented, ready to edit and pass back with --config.")

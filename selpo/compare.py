@@ -2,11 +2,10 @@
 
 Each method runs over a small grid of its strength parameter (``Method.strength`` and ``Method.grid``), every
 run a normal run folder under ``DIR/runs/<method>-<key>=<value>/`` with the same data and the same training
-settings; the stages
-every run shares with the same configuration (``data``, and ``oracle`` for SePO and Selective-DPO) run once
-in ``DIR/shared/`` and are linked into each run. Finished stages are reused, so a second call (or one with
-a method added) only runs what is missing. The report, ``DIR/compare.html`` with ``frontier.png`` and
-``compare.md``, holds:
+settings; a stage before ``train`` that every run running it runs alike (the same fingerprint: ``data``, SePO's and
+Selective-DPO's ``oracle``, SePO's ``score``) runs once in ``DIR/shared/`` and is linked into each of them. Finished
+stages are reused, so a second call (or one with a method added) only runs what is missing. The report,
+``DIR/compare.html`` with ``frontier.png`` and ``compare.md``, holds:
 
 - the reward-versus-KL frontier: ground-truth reward of samples against KL from the initial model, one
   curve per method through its grid points;
@@ -30,11 +29,11 @@ from .context import Context, read_jsonl
 from .models import load_tokenizer
 from .pages import STYLE, heatmap_html, table
 from .stages import pipeline, run_all
+from .stages.pipeline import fingerprint
 
 # The comparison's default size on top of the run defaults: a smaller task than `selpo run`'s, so that
 # ten runs finish in well under an hour on 2 CPU cores (measured: see README).
 DEFAULTS = ("data.max_train_pairs=128", "eval.prompts=24", "eval.token_pairs=16", "guidance.every=8")
-SHARED = ("data", "oracle")  # stages whose configuration is the same in every run
 
 
 def parse_grid(items: list[str]) -> dict[str, tuple[str, tuple[float, ...]]]:
@@ -66,11 +65,26 @@ def run_configs(base: RunConfig, out: Path, methods: list[str], grid) -> list[tu
     return runs
 
 
-def link_shared(config: RunConfig, out: Path) -> None:
-    """Points the run's shared stage folders at ``out/shared/<stage>`` (created if missing)."""
+def preparing(method: str) -> tuple[str, ...]:
+    """The stages ``method`` runs before ``train``: data and its own."""
+    names = pipeline(method)
+    return names[:names.index("train")]
+
+
+def shared_stages(runs: list[tuple[str, float, RunConfig]]) -> set[str]:
+    """The stages before ``train`` that every run running them runs alike (one fingerprint): each runs once."""
+    prints: dict[str, set[str]] = {}
+    for method, _, config in runs:
+        for stage in preparing(method):
+            prints.setdefault(stage, set()).add(fingerprint(config, stage))
+    return {stage for stage, found in prints.items() if len(found) == 1}
+
+
+def link_shared(config: RunConfig, out: Path, shared: set[str]) -> None:
+    """Points the run's folders of the ``shared`` stages at ``out/shared/<stage>`` (created if missing)."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED:
+    for stage in sorted(shared):
         if stage in pipeline(config.method):
             target = out / "shared" / stage
             target.mkdir(parents=True, exist_ok=True)
@@ -89,7 +103,7 @@ def summarize(method: str, value: float, config: RunConfig, records: dict) -> di
     """One row of the comparison from a finished run's stage records."""
     results = records["eval"]["summary"]
     policy = results["policy"]
-    before = [s for s in pipeline(method) if s not in ("data", "train", "eval", "report")]
+    before = preparing(method)[1:]  # the method's own stages
     return {"method": method, "strength": value, "run_dir": config.run_dir,
             "reward": policy["reward"], "kl": policy["kl"], "initial_reward": results["initial"]["reward"],
             "reward_spec": results.get("reward", {}).get("spec", "vader"),
@@ -194,10 +208,11 @@ def compare(base: RunConfig, accelerator, out: str | Path, methods: list[str] | 
                          "(vader, a reward model folder or module:function), not none")
     grid = parse_grid(list(grid_items))
     runs = run_configs(base, out, methods, grid)
+    shared = shared_stages(runs)
     rows = []
     for method, value, config in runs:
         if accelerator.is_main_process:
-            link_shared(config, out)
+            link_shared(config, out, shared)
         accelerator.wait_for_everyone()
         accelerator.print(f"==== {method_registry.get(method).title}, {grid[method][0]}={value:g}: {config.run_dir}")
         records = run_all(Context(config, accelerator, shared_root=out / "shared"))

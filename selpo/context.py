@@ -22,7 +22,20 @@ if TYPE_CHECKING:
     from .config import RunConfig
     from .data import TokenizedPair
 
-DONE = "DONE.json"  # written last by every stage: its fingerprint and summary
+DONE = "DONE.json"  # written last by every stage (and every piece of work kept to be reused): its fingerprint
+
+
+def mark_done(folder: Path, record: dict) -> None:
+    """Writes ``folder/DONE.json`` holding ``record`` (with its ``fingerprint``), atomically. The last act of a
+    piece of work: until it exists, whatever else is in ``folder`` counts as unfinished."""
+    write_text_atomic(folder / DONE, json.dumps(record, indent=1))
+
+
+def read_done(folder: Path, fingerprint: str | None = None) -> dict | None:
+    """The DONE record in ``folder``, or None: there is none, or (given ``fingerprint``) it carries another one."""
+    path = folder / DONE
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if record is None or fingerprint is None or record["fingerprint"] == fingerprint else None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -125,5 +138,4 @@ class Context:
 
     def done_record(self, stage: str) -> dict | None:
         """A finished stage's DONE record (fingerprint, configuration, seconds, summary), or None."""
-        path = self.stage_dir(stage) / DONE
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_done(self.stage_dir(stage))

@@ -10,7 +10,6 @@ from the main process only; the pipeline starts them for a run folder and ends t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -58,25 +57,25 @@ def logging_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / LOGS
 
 
-def hyperparameters(config) -> dict:
-    """The configuration as flat ``section.key`` values, the trackers' record of the run's settings (unset ones,
-    None, left out)."""
+def hyperparameters(settings: dict) -> dict:
+    """The configuration (``selpo.config.to_dict``'s nested values) as flat ``section.key`` values, the trackers'
+    record of the run's settings (unset ones, None, are not in it)."""
     flat = {}
-    for name, value in dataclasses.asdict(config).items():
+    for name, value in settings.items():
         table = value if isinstance(value, dict) else {"": value}
-        flat.update({f"{name}.{key}" if key else name: v for key, v in table.items() if v is not None})
+        flat.update({f"{name}.{key}" if key else name: v for key, v in table.items()})
     return flat
 
 
-def start(accelerator, config) -> None:
-    """Starts the accelerator's trackers (``make_accelerator`` gave it ``report_to``'s) for the run of ``config``,
-    writing into its run folder's ``logs/``. W&B runs offline (``WANDB_MODE=offline`` unless set): nothing is
-    uploaded."""
-    logs = logging_dir(config.run_dir)
+def start(accelerator, run_dir: str, settings: dict) -> None:
+    """Starts the accelerator's trackers (``make_accelerator`` gave it ``report_to``'s) for the run in ``run_dir``
+    with ``settings`` (its configuration, ``hyperparameters``), writing into the run folder's ``logs/``. W&B runs
+    offline (``WANDB_MODE=offline`` unless set): nothing is uploaded."""
+    logs = logging_dir(run_dir)
     accelerator.project_configuration.logging_dir = str(logs)  # compare: one accelerator, a folder per run
     if "wandb" in (str(t) for t in accelerator.log_with):
         os.environ.setdefault("WANDB_MODE", "offline")
-    accelerator.init_trackers(PROJECT, config=hyperparameters(config), init_kwargs={"wandb": {"dir": str(logs)}})
+    accelerator.init_trackers(PROJECT, config=hyperparameters(settings), init_kwargs={"wandb": {"dir": str(logs)}})
 
 
 def finish(accelerator) -> None:

@@ -133,8 +133,10 @@ class Tally:
         return {k: total[i] / total[len(keys) + i] for i, k in enumerate(keys)}
 
 
-def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, total: int, objects: dict) -> int:
-    """Loads the latest checkpoint of this same training (same fingerprint and length); returns its step."""
+def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, total: int, module: nn.Module,
+            objects: dict) -> int:
+    """Loads the latest checkpoint of this same training (same fingerprint and length) into ``module``, its
+    optimizer and ``objects``; returns its step."""
     found = checkpoint.latest(ckpt_dir)
     if found is None:
         return 0
@@ -146,7 +148,7 @@ def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, total: i
             shutil.rmtree(ckpt_dir)
         accelerator.wait_for_everyone()
         return 0
-    checkpoint.load(accelerator, folder, objects)
+    checkpoint.load(accelerator, folder, module, objects)
     accelerator.print(f"resuming from {folder} (step {state['step']} of {total})")
     return state["step"]
 
@@ -243,21 +245,16 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
 
 
 @contextlib.contextmanager
-def _own_registrations(accelerator: Accelerator):
-    """Gives a training its own slots in the process's one accelerator: its checkpoints save and restore only
-    the model and optimizer it prepares, which are forgotten when it ends, and a training run inside another's
-    ``before_step`` (guidance's retraining rounds) leaves the outer training's slots as they were. Accelerate
-    keeps these slots in private lists, set aside here and put back."""
-    names = ("_models", "_optimizers", "_schedulers", "_dataloaders")
-    outer = {name: getattr(accelerator, name) for name in names}
-    for name in names:
-        setattr(accelerator, name, [])
+def own_accelerator(accelerator: Accelerator):
+    """A training's own Accelerator for the block, on the process's state (devices, processes, precision and
+    sharding are ``accelerator``'s): what it prepares, and so what its checkpoints save and restore, is this
+    training's model and optimizer alone, and a training run inside another's ``before_step`` (guidance's
+    retraining rounds) leaves the outer one's untouched. Its registrations are let go when the block ends."""
+    own = Accelerator(cpu=accelerator.device.type == "cpu", mixed_precision=accelerator.mixed_precision)
     try:
-        yield
+        yield own
     finally:
-        accelerator.free_memory()  # drops this training's model, optimizer and scheduler
-        for name, value in outer.items():
-            setattr(accelerator, name, value)
+        own.free_memory()
 
 
 def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective: Objective,
@@ -298,12 +295,12 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, keep_attention=config.keep_attention)
     lean = lean_body(model, mlp=not config.gradient_checkpointing) if config.lean_body else contextlib.nullcontext()
-    with _own_registrations(accelerator), lean:
-        module, optimizer = _prepare_with_optimizer(accelerator, ObjectiveModule(model, objective), config)
+    with own_accelerator(accelerator) as own, lean:
+        module, optimizer = _prepare_with_optimizer(own, ObjectiveModule(model, objective), config)
         # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
         factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        start = _resume(accelerator, out_dir / "checkpoints", fingerprint, total, {"scheduler": scheduler})
+        start = _resume(own, out_dir / "checkpoints", fingerprint, total, module, {"scheduler": scheduler})
         with contextlib.ExitStack() as stack:
             log = stack.enter_context(_open_log(out_dir / "metrics.jsonl", start)) if accelerator.is_main_process \
                 else None
@@ -312,8 +309,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
             began = time.perf_counter()
             for step in range(start, total):
                 if before_step is not None:
-                    before_step(step, accelerator.unwrap_model(module).lm)
-                record = _optimizer_step(accelerator, module, optimizer, scheduler, examples,
+                    before_step(step, own.unwrap_model(module).lm)
+                record = _optimizer_step(own, module, optimizer, scheduler, examples,
                                          schedule.indices(step), config, pad_id, layout)
                 done = step + 1
                 bar.update(1)
@@ -325,10 +322,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
                     log.flush()
                     tracking.log_step(accelerator, out_dir, record)
                 if (config.save_every and done % config.save_every == 0) or done == total:
-                    checkpoint.save(accelerator, out_dir / "checkpoints", done,
+                    checkpoint.save(own, out_dir / "checkpoints", done,
                                     {"fingerprint": fingerprint, "total_steps": total}, {"scheduler": scheduler})
                 if on_step is not None:
                     on_step(done)
-        save_model(accelerator, module, tokenizer, out_dir / "model",
+        save_model(own, module, tokenizer, out_dir / "model",
                    merged=out_dir / "merged" if config.lora_merge else None)
-        return accelerator.unwrap_model(module).lm
+        return own.unwrap_model(module).lm

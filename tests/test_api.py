@@ -87,12 +87,14 @@ def test_a_config_as_object_dict_or_toml_file_gives_the_same(tiny, tmp_path):
     path = tmp_path / "my.toml"
     path.write_text(to_toml(config))
     as_dict = tomllib.loads(path.read_text())
-    options = {"seed": 3, "train": {"lr": 1e-6, "margin": 0.5}, "data": {"max_test_pairs": None}}
+    options = {"seed": 3, "train": {"lr": 1e-6}, "sepo": {"gamma": 2.0, "margin": 0.5},
+               "data": {"max_test_pairs": None}}
     items = api.overrides(options)
-    assert items == ["seed=3", "train.lr=1e-06", "train.margin=0.5", "data.max_test_pairs=none"]
+    assert items == ["seed=3", "train.lr=1e-06", "sepo.gamma=2.0", "sepo.margin=0.5", "data.max_test_pairs=none"]
     resolved = [api.resolve_config(source, items) for source in (config, as_dict, path)]
     assert resolved[0] == resolved[1] == resolved[2]
     assert resolved[0].seed == 3 and resolved[0].train.lr == 1e-6 and resolved[0].data.max_test_pairs is None
+    assert (resolved[0].sepo.gamma, resolved[0].sepo.margin) == (2.0, 0.5)
 
 
 def test_the_readmes_python_block_runs_on_the_tiny_model(tiny, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 
 from selpo import cli
 from selpo import config as cfg
+from selpo.methods.oracle import OracleConfig
 
 
 def test_defaults_round_trip_through_toml(tmp_path):
@@ -94,6 +95,34 @@ def test_bad_values_name_their_key(item, message):
         cfg.load(None, [item])
 
 
+@pytest.mark.parametrize("old, new", [("train.beta", "dpo.beta, selective_dpo.beta and simpo.beta"),
+                                      ("train.gamma", "sepo.gamma"), ("train.margin", "sepo.margin and simpo.gamma"),
+                                      ("train.selective_ratio", "selective_dpo.ratio"),
+                                      ("train.selective_rule", "selective_dpo.rule")])
+def test_a_key_that_moved_to_its_methods_section_names_where(old, new, tmp_path):
+    section, name = new.partition(" ")[0].split(".")
+    with pytest.raises(ValueError, match=rf"--set: {old} moved to {new}: .* --set {section}\.{name}="):
+        cfg.load(None, [f"{old}=1"])
+    path = tmp_path / "old.toml"
+    path.write_text(f"[train]\nlr = 1e-6\n{old.partition('.')[2]} = 1\n")
+    with pytest.raises(ValueError, match=rf"old\.toml: {old} moved to {new}: .* \[{section}\] {name} = "):
+        cfg.load(path)
+
+
+def test_each_methods_options_are_its_own_section_with_the_papers_defaults():
+    config = cfg.RunConfig()
+    assert (config.sepo.gamma, config.sepo.margin) == (1.0, 0.0)
+    assert (config.dpo.beta, config.oracle.beta) == (0.1, 0.1)
+    assert (config.selective_dpo.beta, config.selective_dpo.ratio, config.selective_dpo.rule) == (0.1, 0.4, "topk")
+    assert (config.simpo.beta, config.simpo.gamma) == (2.0, 0.5)
+    moved = {"beta", "gamma", "margin", "selective_ratio", "selective_rule"}
+    assert not moved & set(cfg.scalar_fields(cfg.TrainConfig))
+    with pytest.raises(ValueError, match=r"simpo\.beta must be > 0, got 0\.0"):
+        cfg.load(None, ["simpo.beta=0"])
+    with pytest.raises(AttributeError, match="RunConfig has no key or section 'nope'"):
+        config.nope
+
+
 def test_toml_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[train]\nlrr = 1\n')
@@ -114,7 +143,7 @@ def test_toml_errors_name_the_file_and_key(tmp_path):
 
 
 def _all_fields():
-    classes = [cfg.RunConfig] + [typing.get_type_hints(cfg.RunConfig)[s] for s in cfg.section_names()]
+    classes = [cfg.RunConfig] + list(cfg.section_classes().values())
     return [(c, name, t, f) for c in classes for name, (t, f) in cfg.scalar_fields(c).items()]
 
 
@@ -130,18 +159,20 @@ def test_every_key_is_settable_and_listed():
     keys = cfg.all_keys()
     assert len(keys) == len(_all_fields())
     assert {"seed", "method", "train.lr", "oracle.fraction", "guidance.aggregation", "score.chosen_ratio",
-            "eval.prompts", "report.pairs"} <= set(keys)
-    assert cfg.section_names() == ("data", "oracle", "guidance", "score", "train", "eval", "report")
-    assert dataclasses.fields(cfg.OracleConfig)[0].name == "epochs"  # the shared loop settings come first
+            "eval.prompts", "report.pairs", "sepo.gamma", "sepo.margin", "selective_dpo.ratio", "dpo.beta",
+            "simpo.gamma"} <= set(keys)
+    assert cfg.section_names() == ("data", "oracle", "score", "train", "sepo", "selective_dpo", "guidance", "dpo",
+                                   "simpo", "eval", "report")
+    assert dataclasses.fields(OracleConfig)[0].name == "epochs"  # the shared loop settings come first
 
 
 def test_cli_config_prints_loadable_documented_toml(tmp_path, capsys):
-    assert cli.main(["config", "--run-dir", str(tmp_path / "r"), "--set", "train.gamma=2.5"]) == 0
+    assert cli.main(["config", "--run-dir", str(tmp_path / "r"), "--set", "sepo.gamma=2.5"]) == 0
     text = capsys.readouterr().out
-    assert "# SePO's reward scale gamma" in text and "gamma = 2.5" in text
+    assert "[sepo]\n# SePO (method \"sepo\")" in text and "# Reward scale gamma" in text and "gamma = 2.5" in text
     path = tmp_path / "printed.toml"
     path.write_text(text)
-    assert cfg.load(path).train.gamma == 2.5
+    assert cfg.load(path).sepo.gamma == 2.5
 
 
 def test_cli_config_keys_lists_every_key(capsys):
@@ -169,7 +200,7 @@ def test_cli_uses_the_run_folders_saved_config(tmp_path, capsys):
 @pytest.mark.parametrize("command, keys", [("data", ["data.max_length", "model ="]),
                                            ("oracle", ["oracle.fraction", "oracle.beta", "seed ="]),
                                            ("score", ["score.chosen_ratio", "score.rejected_ratio"]),
-                                           ("train", ["train.gamma", "train.policy", "train.lr"]),
+                                           ("train", ["sepo.gamma", "dpo.beta", "train.policy", "train.lr"]),
                                            ("eval", ["eval.prompts", "eval.max_new_tokens"]),
                                            ("report", ["report.pairs"])])
 def test_each_stage_help_explains_itself_and_its_keys(command, keys, capsys):

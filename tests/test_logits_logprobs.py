@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selpo.kernels.logits_logprobs import chunked, logprobs_from_logits, triton_kernels
+from selpo.kernels.logits_logprobs import logprobs_from_logits, torch_ops, triton_kernels
 
 # Triton's interpreter runs on numpy, which warns on log(0) (the lse of an ignored row, discarded) and inf - inf.
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
@@ -31,7 +31,7 @@ def grad_rtol(dtype):
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """The torch path walks over several chunks of rows even at test sizes (8 rows per chunk)."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(torch_ops, "CHUNK_ELEMENTS", 1)
 
 
 def make_inputs(n, v, dtype):
@@ -190,11 +190,11 @@ def test_outputs_start_poisoned(dtype):
     triton_kernels.forward_into(logits, targets, IGNORE, 0.7, logp, lse)
     torch.testing.assert_close(logp.double(), want_out, atol=FWD_ATOL, rtol=0)
     assert lse[targets == IGNORE].eq(0).all() and lse.isfinite().all()
-    _, chunked_lse = chunked.forward(logits, targets, IGNORE, 0.7)
-    torch.testing.assert_close(lse, chunked_lse, atol=FWD_ATOL, rtol=0)
+    _, torch_lse = torch_ops.forward(logits, targets, IGNORE, 0.7)
+    torch.testing.assert_close(lse, torch_lse, atol=FWD_ATOL, rtol=0)
     grads = [triton_kernels.backward_into(grad_out, logits, targets, lse, IGNORE, 0.7,
                                           torch.full_like(logits, float("nan"))),
-             chunked.backward(grad_out, logits, targets, lse, IGNORE, 0.7, torch.full_like(logits, float("nan")))]
+             torch_ops.backward(grad_out, logits, targets, lse, IGNORE, 0.7, torch.full_like(logits, float("nan")))]
     for grad in grads:
         torch.testing.assert_close(grad.double(), want_grad, atol=GRAD_ATOL, rtol=grad_rtol(dtype))
 

@@ -1,5 +1,6 @@
 """The losses against float64 per-pair formulas written here, on every backend: loss, gradient, metrics."""
 
+import inspect
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from helpers import cu_seqlens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selpo.kernels.losses import common, dpo_loss, sepo_loss, simpo_loss, weighted_nll
+from selpo.kernels.losses import common, dpo_loss, sepo_loss, simpo_loss, spec, weighted_nll
 
 BACKENDS = ["naive", "torch", "triton"]
 LONG = 1100  # longer than one Triton block (1024), not a multiple of it
@@ -312,3 +313,13 @@ def test_empty_selection_raises_before_any_sum(loss, monkeypatch):
     logps, mask, cu = torch.zeros(4), torch.tensor([1, 1, 1, 0], dtype=torch.bool), cu_seqlens([1, 1, 1, 1])
     with pytest.raises(ValueError, match="mask selects no token of segment 3"):
         sepo_loss(logps, mask, cu) if loss == "sepo" else simpo_loss(logps, cu, mask=mask)
+
+
+@pytest.mark.parametrize("name, function", [("sepo", sepo_loss), ("dpo", dpo_loss), ("simpo", simpo_loss),
+                                            ("weighted_nll", weighted_nll)])
+def test_registered_options_are_the_functions(name, function):
+    """The registered loss takes the public function's options, with its defaults: linear_selective_loss and the
+    loss function agree on what an option left out means."""
+    params = inspect.signature(function).parameters
+    options = {k: p.default for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in ("mask", "backend")}
+    assert {k: o.default for k, o in spec.LOSSES[name].options.items()} == options

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from selpo import config as config_module
-from selpo import methods
 from selpo.compare import load_config, parse_grid
 from selpo.context import DONE, Context
 from selpo.examples import Example
 from selpo.methods.guidance import Alternation
-from selpo.stages.pipeline import fingerprint
+from selpo.stages.pipeline import fingerprint, pipeline
 from selpo.testing import tiny_model_dir
 from selpo.trainer import make_accelerator
 
@@ -52,9 +51,9 @@ def runs(tiny):
 @pytest.mark.parametrize("method", OTHERS)
 def test_each_method_runs_its_stages_and_reports(runs, method):
     run_dir, out = runs[method]
-    for stage in methods.get(method).stages:
+    for stage in pipeline(method):
         assert (run_dir / stage / DONE).is_file(), stage
-    for stage in {"oracle", "guidance", "score"} - set(methods.get(method).stages):
+    for stage in {"oracle", "guidance", "score"} - set(pipeline(method)):
         assert not (run_dir / stage).exists(), stage
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["method"] == method
@@ -135,8 +134,8 @@ def test_a_stage_outside_the_method_is_refused(tiny, tmp_path):
 def test_compare_runs_the_grid_shares_stages_and_reuses_finished_runs(tiny, tmp_path):
     _, settings = tiny
     args = ["compare", "--dir", tmp_path / "cmp", "--methods", "sepo,selective_dpo,dpo",
-            "--grid", "dpo=train.beta:0.1,0.5", "--grid", "sepo=train.gamma:1",
-            "--grid", "selective_dpo=train.beta:0.1", *settings]
+            "--grid", "dpo=dpo.beta:0.1,0.5", "--grid", "sepo=sepo.gamma:1",
+            "--grid", "selective_dpo=selective_dpo.beta:0.1", *settings]
     code, out, err = selpo(*args)
     assert code == 0, err[-3000:]
     cmp = tmp_path / "cmp"
@@ -146,12 +145,12 @@ def test_compare_runs_the_grid_shares_stages_and_reuses_finished_runs(tiny, tmp_
     assert [(r["method"], r["strength"]) for r in rows] == [("sepo", 1.0), ("selective_dpo", 0.1), ("dpo", 0.1),
                                                             ("dpo", 0.5)]
     assert rows[2]["kl"] != rows[3]["kl"]  # the strength changes the training
-    for run in ("sepo-train.gamma=1", "selective_dpo-train.beta=0.1"):
+    for run in ("sepo-sepo.gamma=1", "selective_dpo-selective_dpo.beta=0.1"):
         assert (cmp / "runs" / run / "oracle").is_symlink()  # one oracle, trained once, for both methods
     assert out.count("== oracle: done in") == 1 and out.count("== data: done in") == 1
     page = (cmp / "compare.html").read_text()
     for part in ("<h2>Reward against KL</h2>", "<h3>SePO</h3>", "<h3>Selective-DPO</h3>", "<h3>DPO</h3>",
-                 "train.beta=0.5"):
+                 "dpo.beta=0.5"):
         assert part in page, part
     assert page.count('<div class="pair">') == 3 * 3  # report.pairs pairs per method
     assert len((cmp / "compare.md").read_text().splitlines()) == 2 + 4
@@ -161,10 +160,10 @@ def test_compare_runs_the_grid_shares_stages_and_reuses_finished_runs(tiny, tmp_
 
 
 def test_compare_grid_and_defaults():
-    assert parse_grid(["dpo=train.beta:0.05,0.2"])["dpo"] == ("train.beta", (0.05, 0.2))
+    assert parse_grid(["dpo=dpo.beta:0.05,0.2"])["dpo"] == ("dpo.beta", (0.05, 0.2))
     with pytest.raises(ValueError, match="--grid takes METHOD=KEY:V1,V2"):
-        parse_grid(["ppo=train.beta:1"])
+        parse_grid(["ppo=dpo.beta:1"])
     with pytest.raises(ValueError, match="must be numbers"):
-        parse_grid(["dpo=train.beta:a"])
+        parse_grid(["dpo=dpo.beta:a"])
     config = load_config(None, ["data.max_train_pairs=50"])
     assert config.data.max_train_pairs == 50 and config.eval.prompts == 24  # the user's value, then the defaults

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from selpo import methods
 from selpo.context import DONE
+from selpo.stages import pipeline
 from selpo.testing import tiny_model_dir, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,7 +22,7 @@ from tiny_data import write_pairs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SEPO_STAGES = methods.get("sepo").stages
+SEPO_STAGES = pipeline("sepo")
 
 
 @pytest.fixture(scope="module")

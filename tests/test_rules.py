@@ -1,5 +1,5 @@
 """The released codes' selection rules, as options, each against a small hand-worked example: SePO's
-``score.rule``, Selective-DPO's ``train.selective_rule`` and token-level guidance's ``guidance.head``."""
+``score.rule``, Selective-DPO's ``selective_dpo.rule`` and token-level guidance's ``guidance.head``."""
 
 import json
 import math
@@ -117,9 +117,9 @@ def test_quantile_rule_is_per_segment():
 
 
 def test_rule_options_are_checked():
-    config = config_module.load(None, ["score.rule=released", "train.selective_rule=quantile", "guidance.head=mlp"])
-    assert (config.score.rule, config.train.selective_rule, config.guidance.head) == ("released", "quantile", "mlp")
-    for key in ("score.rule", "train.selective_rule", "guidance.head"):
+    config = config_module.load(None, ["score.rule=released", "selective_dpo.rule=quantile", "guidance.head=mlp"])
+    assert (config.score.rule, config.selective_dpo.rule, config.guidance.head) == ("released", "quantile", "mlp")
+    for key in ("score.rule", "selective_dpo.rule", "guidance.head"):
         with pytest.raises(ValueError, match=f"{key} must be one of"):
             config_module.load(None, [f"{key}=other"])
 

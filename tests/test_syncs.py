@@ -94,13 +94,13 @@ def test_linear_selective_loss(backend, loss, pairs, monkeypatch):
     monkeypatch.setattr(plan, "LOSS_BUFFER_BYTES", dict.fromkeys(("cpu", "cuda"), 8 * weight.shape[0] * 4))
     mask = torch.rand(hidden.shape[0]) < 0.4
     mask[cu[:-1].long()] = True
-    ref = torch.randn(hidden.shape[0])
+    inputs = {"ref_logps": torch.randn(hidden.shape[0])} if loss == "dpo" else {}
     out = {}
 
     def call():
         with ledger.counting() as out["book"]:
-            out["loss"] = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss=loss, ref_logps=ref,
-                                                backend=backend)[0]
+            out["loss"] = linear_selective_loss(hidden, weight, targets, cu, mask=mask, loss=loss, backend=backend,
+                                                **inputs)[0]
 
     counting = ["nonzero"] if loss in ("sepo", "simpo") else []
     assert syncs(monkeypatch, call) == ["_local_scalar_dense", "tolist", *counting, "nonzero", "tolist", "lift_fresh"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from selpo import checkpoint
 from selpo.config import LoopConfig, RunConfig
@@ -283,12 +284,12 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, accelerator, dpo
     root = tmp_path / "checkpoints"
     before = {p.name: p.read_bytes() for p in (root / "step-00000002").iterdir()}
 
-    def crash(output_dir, **kwargs):
+    def crash(self, output_dir, **kwargs):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "pytorch_model.bin").write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(accelerator, "save_state", crash)
+    monkeypatch.setattr(Accelerator, "save_state", crash)  # every training saves through its own accelerator
     with pytest.raises(OSError, match="disk full"):
         _train_dpo(tiny, accelerator, dpo_examples, tmp_path)  # resumes at 2, dies saving step 4
     monkeypatch.undo()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import checks, ledger
-from ..backend import resolve_backend
-from ..dtypes import acc_dtype
 from ..streaming.logprobs import row_grads, row_logprobs
 from ..streaming.passes import Passes
-from ..streaming.shard import split_head
+from ..utils import acc_dtype, unit_stride
 from .naive import linear_logprobs_naive
 
 
@@ -43,51 +41,27 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         workspace does not grow with V; only the N log-sum-exps are saved, and the backward recomputes logits
         only for rows with a non-zero gradient: four GEMMs over the rows in all.
     """
-    checks.check_float("hidden", hidden, 2)
-    checks.check_float("weight", weight, 2)
-    weight, shard = split_head(weight, process_group)
-    n, d = hidden.shape
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must have shape [V, D={d}], got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if bias is not None:
-        checks.check_float("bias", bias, 1)
-        checks.check_length("bias", bias, weight.shape[0], "V")
-    checks.check_targets(targets, n, weight.shape[0] if shard is None else shard.vocab, ignore_index)
-    checks.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    checks.check_same_dtype(hidden=hidden, weight=weight, bias=bias)
-    checks.check_positive("temperature", temperature)
-    if softcap is not None:
-        checks.check_positive("softcap", softcap)
-    which = resolve_backend(backend, hidden.device)
-    if which == "naive" and shard is not None:
-        raise ValueError("process_group: the naive backend builds full logits on one process; use torch or triton")
-    if which == "naive":
+    weight, shard = checks.check_head(hidden, weight, targets, bias, ignore_index, temperature, softcap,
+                                      process_group)
+    backend = checks.resolve("hidden", hidden, backend, shard)
+    if backend == "naive":
         return linear_logprobs_naive(hidden, weight, targets, bias, ignore_index, temperature, softcap)
-    if which == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("hidden: the triton backend takes float32, bfloat16 or float16, got float64")
-    return LinearLogprobs.apply(hidden, weight, targets, bias, ignore_index, float(temperature), softcap, which,
+    return LinearLogprobs.apply(hidden, weight, targets, bias, ignore_index, float(temperature), softcap, backend,
                                 shard)
-
-
-def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` with its last dimension contiguous (what the GEMMs and kernels need), copied only if it is not."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 class LinearLogprobs(torch.autograd.Function):
     """Saves the inputs and the N log-sum-exps; the backward recomputes logits only for rows with gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, which, shard):
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, softcap, backend, shard):
         hidden, weight, bias = unit_stride(hidden), unit_stride(weight), unit_stride(bias)
         targets = targets.contiguous()
         acc = acc_dtype(hidden.dtype)
         rows = torch.nonzero(targets != ignore_index).squeeze(1)  # the call's one host synchronisation
         logp = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.zeros_like(logp)
-        passes = Passes(which, temperature, softcap)
+        passes = Passes(backend, temperature, softcap)
         logp[rows], lse[rows] = row_logprobs(passes, hidden, weight, bias, rows, targets.index_select(0, rows), shard)
         ctx.save_for_backward(hidden, weight, targets, bias, lse)
         ctx.options = (ignore_index, passes, shard)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import acc_dtype
+
 
 def linear_logprobs_naive(hidden, weight, targets, bias=None, ignore_index=-100, temperature=1.0, softcap=None):
     """``log_softmax(softcap(hidden @ weight.T + bias) / temperature)[targets]``; 0 where targets == ignore_index.
@@ -11,7 +13,7 @@ def linear_logprobs_naive(hidden, weight, targets, bias=None, ignore_index=-100,
     Written as a user would (logits -> log_softmax -> gather), with no work for options left at their
     defaults, so that as a baseline it is fair.
     """
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(hidden.dtype)
     logits = (hidden @ weight.T).to(dtype)
     if bias is not None:
         logits = logits + bias.to(dtype)

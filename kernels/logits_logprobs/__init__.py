@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..backend import resolve_backend
-from . import chunked
+from ..utils import poisoned
+from . import torch_ops
 from .naive import logprobs_from_logits_naive
 
 
@@ -46,38 +46,36 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_
     checks.check_positive("temperature", temperature)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    which = resolve_backend(backend, logits.device)
-    if which == "naive":
+    backend = checks.resolve("logits", logits, backend)
+    if backend == "naive":
         return logprobs_from_logits_naive(logits, targets, ignore_index, temperature)
-    if which == "triton" and logits.dtype == torch.float64:
-        raise TypeError("logits: the triton backend takes float32, bfloat16 or float16, got float64")
-    return LogitsLogprobs.apply(logits, targets, ignore_index, float(temperature), inplace_backward, which)
+    return LogitsLogprobs.apply(logits, targets, ignore_index, float(temperature), inplace_backward, backend)
 
 
 class LogitsLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, temperature, inplace_backward, which):
+    def forward(ctx, logits, targets, ignore_index, temperature, inplace_backward, backend):
         logits, targets = logits.contiguous(), targets.contiguous()
-        if which == "triton":
+        if backend == "triton":
             from . import triton_kernels
 
-            # Poisoned: the kernel writes every row (0 for ignored ones); a row it misses stays nan.
-            logp = torch.full((logits.shape[0],), float("nan"), dtype=torch.float32, device=logits.device)
-            lse = torch.full_like(logp, float("nan"))
+            # The kernel writes every row (0 for ignored ones).
+            logp = poisoned((logits.shape[0],), torch.float32, logits.device)
+            lse = poisoned((logits.shape[0],), torch.float32, logits.device)
             triton_kernels.forward_into(logits, targets, ignore_index, temperature, logp, lse)
         else:
-            logp, lse = chunked.forward(logits, targets, ignore_index, temperature)
+            logp, lse = torch_ops.forward(logits, targets, ignore_index, temperature)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.options = (ignore_index, temperature, inplace_backward, which)
+        ctx.options = (ignore_index, temperature, inplace_backward, backend)
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp):
         logits, targets, lse = ctx.saved_tensors
-        ignore_index, temperature, inplace_backward, which = ctx.options
+        ignore_index, temperature, inplace_backward, backend = ctx.options
         out = logits if inplace_backward else torch.empty_like(logits)
-        if which == "triton":
+        if backend == "triton":
             from . import triton_kernels
 
             triton_kernels.backward_into(grad_logp.float().contiguous(), logits, targets, lse, ignore_index,
@@ -87,7 +85,7 @@ class LogitsLogprobs(torch.autograd.Function):
                 # logits (a second backward, another op that saved them) fails loudly instead of reading a gradient.
                 torch.autograd.graph.increment_version(out)
         else:
-            chunked.backward(grad_logp, logits, targets, lse, ignore_index, temperature, out)
+            torch_ops.backward(grad_logp, logits, targets, lse, ignore_index, temperature, out)
         return out, None, None, None, None, None
 
 

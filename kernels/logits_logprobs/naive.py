@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import acc_dtype
+
 
 def logprobs_from_logits_naive(logits, targets, ignore_index=-100, temperature=1.0):
     """``log_softmax(logits / temperature)[targets]``; 0 where targets == ignore_index.
@@ -11,7 +13,7 @@ def logprobs_from_logits_naive(logits, targets, ignore_index=-100, temperature=1
     Only the kept rows enter the log_softmax, so an ignored row gives exactly 0 and no gradient even when it
     holds nan or inf.
     """
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(logits.dtype)
     keep = targets != ignore_index
     x = logits[keep].to(dtype) / temperature
     picked = torch.log_softmax(x, dim=-1).gather(1, targets[keep].long()[:, None]).squeeze(1)

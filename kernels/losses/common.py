@@ -1,17 +1,14 @@
-"""Pieces shared by the losses: input checks, backend choice, per-segment token counts and means, and the
-Bradley-Terry pair loss with its metrics. The loss files hold only their own math on top of these."""
+"""Pieces shared by the losses: input checks, per-segment token counts and means, and the Bradley-Terry pair
+loss with its metrics. The loss files hold only their own math on top of these."""
 
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .. import checks
-from ..backend import resolve_backend
 from ..segment_sum import segment_sum_unchecked
+from ..utils import selected_bounds
 
 
 def check_inputs(logps: torch.Tensor, cu_seqlens: torch.Tensor, *, mask: torch.Tensor | None = None,
@@ -29,31 +26,6 @@ def check_inputs(logps: torch.Tensor, cu_seqlens: torch.Tensor, *, mask: torch.T
     return num_segments
 
 
-def check_real(name: str, value, *, positive: bool = False) -> float:
-    """A finite Python/NumPy real (> 0 when ``positive``), returned as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
-def resolve(backend: str, logps: torch.Tensor) -> str:
-    """The concrete backend, resolved once per loss and passed to every segment_sum it makes."""
-    which = resolve_backend(backend, logps.device)
-    if which == "triton" and logps.dtype == torch.float64:
-        raise TypeError("logps: the triton backend takes float32, bfloat16 or float16, got float64")
-    return which
-
-
-def acc_dtype(logps: torch.Tensor) -> torch.dtype:
-    """The dtype of the losses and rewards: float64 for float64 log-probs, float32 otherwise."""
-    return torch.float64 if logps.dtype == torch.float64 else torch.float32
-
-
 def token_counts(cu_seqlens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """int64 [S]: the tokens of each segment (selected ones when ``mask`` is given), all >= 1.
 
@@ -61,13 +33,8 @@ def token_counts(cu_seqlens: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     none raises a ValueError naming cu_seqlens (empty segment) or mask (nothing selected).
     """
     cu = cu_seqlens.long()
-    if mask is None:
-        counts = cu[1:] - cu[:-1]
-    else:
-        # Integer prefix sums are exact: counts need none of segment_sum's floating point.
-        prefix = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
-        prefix[1:] = mask.cumsum(0)
-        counts = prefix[cu[1:]] - prefix[cu[:-1]]
+    # Integer prefix sums are exact: counts need none of segment_sum's floating point.
+    counts = cu.diff() if mask is None else selected_bounds(mask, cu_seqlens).diff()
     none = torch.nonzero(counts == 0)
     if none.numel():
         s = int(none[0])

@@ -6,7 +6,9 @@ import torch
 
 from .. import checks
 from ..segment_sum import segment_sum_unchecked
+from ..utils import acc_dtype
 from . import common
+from .spec import FusedLoss, Linear, Option, register
 
 
 def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: torch.Tensor, *, beta: float = 0.1,
@@ -32,14 +34,23 @@ def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: torch.Ten
     """
     num_segments = common.check_inputs(logps, cu_seqlens, mask=mask, ref_logps=ref_logps)
     checks.check_pairs(num_segments)
-    beta = common.check_real("beta", beta, positive=True)
-    return dpo_unchecked(logps, ref_logps, cu_seqlens, beta, mask, common.resolve(backend, logps))
+    options = DPO.check_options({"beta": beta})
+    return dpo_full(logps, cu_seqlens, mask, checks.resolve("logps", logps, backend), ref_logps=ref_logps, **options)
 
 
-def dpo_unchecked(logps, ref_logps, cu_seqlens, beta: float, mask, which: str):
+def dpo_full(logps, cu_seqlens, mask, backend: str, *, ref_logps, beta: float):
     """``dpo_loss`` of checked inputs on a resolved backend."""
-    acc = common.acc_dtype(logps)
+    acc = acc_dtype(logps.dtype)
     log_ratio = logps.to(acc) - ref_logps.to(acc)
     if mask is not None:
         log_ratio = log_ratio * mask
-    return common.pair_loss(beta * segment_sum_unchecked(log_ratio, cu_seqlens, which), 0.0)
+    return common.pair_loss(beta * segment_sum_unchecked(log_ratio, cu_seqlens, backend), 0.0)
+
+
+def dpo_compact(counts, *, ref_logps, beta: float) -> Linear:
+    """A response's reward: beta times the sum of its selected tokens' logp - ref_logp."""
+    return Linear(scale=beta, shift=-ref_logps)
+
+
+DPO = register(FusedLoss("dpo", pairwise=True, full=dpo_full, compact=dpo_compact, inputs=("ref_logps",),
+                         options={"beta": Option(0.1, positive=True)}))

@@ -14,9 +14,9 @@ import numbers
 import torch
 
 from .. import checks
-from ..backend import resolve_backend
 from ..segment_sum import segment_sum_unchecked
-from ..segment_sum.chunked import segment_ids
+from ..segment_sum.torch_ops import segment_ids
+from ..utils import acc_dtype
 from . import common
 
 AGGREGATIONS = ("avg", "softmax", "softmin", "sum")
@@ -58,21 +58,19 @@ def sequence_scores(rewards: torch.Tensor, cu_seqlens: torch.Tensor, *, aggregat
     checks.check_same_device(rewards=rewards, scale=scale, cu_seqlens=cu_seqlens)
     if not isinstance(aggregation, str) or aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    temperature = common.check_real("temperature", temperature, positive=True)
-    which = resolve_backend(backend, rewards.device)
-    if which == "triton" and rewards.dtype == torch.float64:
-        raise TypeError("rewards: the triton backend takes float32, bfloat16 or float16, got float64")
+    temperature = checks.check_real("temperature", temperature, positive=True)
+    backend = checks.resolve("rewards", rewards, backend)
     counts = None if aggregation == "sum" else nonempty_counts(cu_seqlens, aggregation)
-    acc = common.acc_dtype(rewards)
+    acc = acc_dtype(rewards.dtype)
     values = rewards.to(acc)
     if aggregation == "sum":
-        return segment_sum_unchecked(values, cu_seqlens, which)
+        return segment_sum_unchecked(values, cu_seqlens, backend)
     if aggregation == "avg":
-        scores = common.segment_mean(values, cu_seqlens, counts, which)
+        scores = common.segment_mean(values, cu_seqlens, counts, backend)
     elif aggregation == "softmax":
-        scores = soft_max(values, cu_seqlens, temperature, which)
+        scores = soft_max(values, cu_seqlens, temperature, backend)
     else:
-        scores = -soft_max(-values, cu_seqlens, temperature, which)
+        scores = -soft_max(-values, cu_seqlens, temperature, backend)
     return scores if scale is None else scale.to(acc) * scores
 
 
@@ -156,7 +154,7 @@ def plackett_luce_loss(scores: torch.Tensor, num_groups: int) -> tuple[torch.Ten
     """
     checks.check_float("scores", scores, 1)
     k = group_size(scores.shape[0], num_groups, "scores", 2)
-    acc = common.acc_dtype(scores)
+    acc = acc_dtype(scores.dtype)
     ranked = scores.to(acc).reshape(k, -1).t()  # [G, K], best first
     # log sum_{j >= k} exp(e_j) for every k at once: a log-cumsum-exp from the worst end, stable at any scale.
     tails = torch.logcumsumexp(ranked.flip(1), dim=1).flip(1)

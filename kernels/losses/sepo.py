@@ -6,6 +6,7 @@ import torch
 
 from .. import checks
 from . import common
+from .spec import FusedLoss, Linear, Option, register
 
 
 def sepo_loss(logps: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, *, gamma: float = 1.0,
@@ -32,13 +33,20 @@ def sepo_loss(logps: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor,
         raise TypeError("mask must be a torch.Tensor (the selected tokens), got None")
     num_segments = common.check_inputs(logps, cu_seqlens, mask=mask)
     checks.check_pairs(num_segments)
-    gamma = common.check_real("gamma", gamma, positive=True)
-    margin = common.check_real("margin", margin)
-    which = common.resolve(backend, logps)
-    return sepo_from_counts(logps, mask, cu_seqlens, common.token_counts(cu_seqlens, mask), gamma, margin, which)
+    options = SEPO.check_options({"gamma": gamma, "margin": margin})
+    return sepo_full(logps, cu_seqlens, mask, checks.resolve("logps", logps, backend), **options)
 
 
-def sepo_from_counts(logps, mask, cu_seqlens, counts, gamma: float, margin: float, which: str):
-    """``sepo_loss`` of checked inputs, given the selected tokens per segment (``counts``, all >= 1)."""
-    u = common.segment_mean(logps * mask, cu_seqlens, counts, which)
+def sepo_full(logps, cu_seqlens, mask, backend: str, *, gamma: float, margin: float):
+    """``sepo_loss`` of checked inputs on a resolved backend (a response without a selected token: ValueError)."""
+    u = common.segment_mean(logps * mask, cu_seqlens, common.token_counts(cu_seqlens, mask), backend)
     return common.pair_loss(gamma * u, margin)
+
+
+def sepo_compact(counts, *, gamma: float, margin: float) -> Linear:
+    """A response's reward: gamma times the mean of its selected log-probs."""
+    return Linear(scale=gamma / counts, offset=margin)
+
+
+SEPO = register(FusedLoss("sepo", pairwise=True, full=sepo_full, compact=sepo_compact, mean=True,
+                          options={"gamma": Option(1.0, positive=True), "margin": Option(0.0)}))

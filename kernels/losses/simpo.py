@@ -6,6 +6,7 @@ import torch
 
 from .. import checks
 from . import common
+from .spec import FusedLoss, Linear, Option, register
 
 
 def simpo_loss(logps: torch.Tensor, cu_seqlens: torch.Tensor, *, beta: float = 2.0, gamma: float = 0.5,
@@ -30,13 +31,22 @@ def simpo_loss(logps: torch.Tensor, cu_seqlens: torch.Tensor, *, beta: float = 2
     """
     num_segments = common.check_inputs(logps, cu_seqlens, mask=mask)
     checks.check_pairs(num_segments)
-    beta = common.check_real("beta", beta, positive=True)
-    gamma = common.check_real("gamma", gamma)
-    which = common.resolve(backend, logps)
-    return simpo_from_counts(logps, cu_seqlens, common.token_counts(cu_seqlens, mask), beta, gamma, mask, which)
+    options = SIMPO.check_options({"beta": beta, "gamma": gamma})
+    return simpo_full(logps, cu_seqlens, mask, checks.resolve("logps", logps, backend), **options)
 
 
-def simpo_from_counts(logps, cu_seqlens, counts, beta: float, gamma: float, mask, which: str):
-    """``simpo_loss`` of checked inputs, given the (selected) tokens per segment (``counts``, all >= 1)."""
+def simpo_full(logps, cu_seqlens, mask, backend: str, *, beta: float, gamma: float):
+    """``simpo_loss`` of checked inputs on a resolved backend (a response without a (selected) token:
+    ValueError)."""
     values = logps if mask is None else logps * mask
-    return common.pair_loss(beta * common.segment_mean(values, cu_seqlens, counts, which), gamma)
+    mean = common.segment_mean(values, cu_seqlens, common.token_counts(cu_seqlens, mask), backend)
+    return common.pair_loss(beta * mean, gamma)
+
+
+def simpo_compact(counts, *, beta: float, gamma: float) -> Linear:
+    """A response's reward: beta times the mean of its selected log-probs."""
+    return Linear(scale=beta / counts, offset=gamma)
+
+
+SIMPO = register(FusedLoss("simpo", pairwise=True, full=simpo_full, compact=simpo_compact, mean=True,
+                           options={"beta": Option(2.0, positive=True), "gamma": Option(0.5)}))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import checks
 from ..segment_sum import segment_sum_unchecked
+from ..utils import acc_dtype
 from . import common
+from .spec import FusedLoss, Linear, register
 
 
 def weighted_nll(logps: torch.Tensor, weights: torch.Tensor, cu_seqlens: torch.Tensor, *,
@@ -28,11 +31,22 @@ def weighted_nll(logps: torch.Tensor, weights: torch.Tensor, cu_seqlens: torch.T
     num_segments = common.check_inputs(logps, cu_seqlens, weights=weights)
     if num_segments == 0:
         raise ValueError("cu_seqlens holds no segment: a mean over zero sequences is undefined")
-    return weighted_nll_unchecked(logps, weights, cu_seqlens, common.resolve(backend, logps))
+    return weighted_nll_full(logps, cu_seqlens, None, checks.resolve("logps", logps, backend), weights=weights)
 
 
-def weighted_nll_unchecked(logps, weights, cu_seqlens, which: str):
-    """``weighted_nll`` of checked inputs on a resolved backend."""
-    acc = common.acc_dtype(logps)
-    nll = -segment_sum_unchecked(weights.to(acc) * logps.to(acc), cu_seqlens, which)
+def weighted_nll_full(logps, cu_seqlens, mask, backend: str, *, weights):
+    """``weighted_nll`` of checked inputs on a resolved backend, over the ``mask``-selected tokens (all: None)."""
+    acc = acc_dtype(logps.dtype)
+    weights = weights.to(acc) if mask is None else torch.where(mask, weights.to(acc), 0.0)
+    nll = -segment_sum_unchecked(weights * logps.to(acc), cu_seqlens, backend)
     return nll.mean(), {"nll": nll.detach()}
+
+
+def weighted_nll_compact(counts, *, weights) -> Linear:
+    """A sequence's nll: minus the sum of its selected tokens' weight * logp."""
+    return Linear(scale=-1.0, slope=weights)
+
+
+WEIGHTED_NLL = register(FusedLoss("weighted_nll", pairwise=False, full=weighted_nll_full,
+                                  compact=weighted_nll_compact, inputs=("weights",), metric="nll",
+                                  reads=lambda weights: weights != 0))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..backend import resolve_backend
-from . import chunked
+from ..utils import acc_dtype, poisoned
+from . import torch_ops
 from .naive import segment_sum_naive
 
 
@@ -26,47 +26,43 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *, backend: str 
     checks.check_float("values", values, 1)
     checks.check_same_device(values=values, cu_seqlens=cu_seqlens)
     checks.check_cu_seqlens(cu_seqlens, values.shape[0])
-    which = resolve_backend(backend, values.device)
-    if which == "triton" and values.dtype == torch.float64:
-        raise TypeError("values: the triton backend takes float32, bfloat16 or float16, got float64")
-    return segment_sum_unchecked(values, cu_seqlens, which)
+    return segment_sum_unchecked(values, cu_seqlens, checks.resolve("values", values, backend))
 
 
-def segment_sum_unchecked(values: torch.Tensor, cu_seqlens: torch.Tensor, which: str) -> torch.Tensor:
+def segment_sum_unchecked(values: torch.Tensor, cu_seqlens: torch.Tensor, backend: str) -> torch.Tensor:
     """``segment_sum`` of inputs already checked, on a resolved backend: no host synchronisation."""
-    if which == "naive":
+    if backend == "naive":
         return segment_sum_naive(values, cu_seqlens)
-    return SegmentSum.apply(values, cu_seqlens, which)
+    return SegmentSum.apply(values, cu_seqlens, backend)
 
 
 class SegmentSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, cu_seqlens, which):
+    def forward(ctx, values, cu_seqlens, backend):
         values = values.contiguous()
-        out_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-        if which == "triton":
+        out_dtype = acc_dtype(values.dtype)
+        if backend == "triton":
             from . import triton_kernels
 
-            # NaN-filled, so a segment the kernel failed to write cannot pass for a number.
-            sums = torch.full((cu_seqlens.shape[0] - 1,), float("nan"), dtype=out_dtype, device=values.device)
+            sums = poisoned((cu_seqlens.shape[0] - 1,), out_dtype, values.device)
             triton_kernels.sum_into(values, cu_seqlens, sums)
         else:
-            sums = chunked.forward(values, cu_seqlens, out_dtype)
+            sums = torch_ops.forward(values, cu_seqlens, out_dtype)
         ctx.save_for_backward(cu_seqlens)
-        ctx.options = (values.shape[0], values.dtype, which)
+        ctx.options = (values.shape[0], values.dtype, backend)
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
         (cu_seqlens,) = ctx.saved_tensors
-        n, dtype, which = ctx.options
-        if which == "triton":
+        n, dtype, backend = ctx.options
+        if backend == "triton":
             from . import triton_kernels
 
-            grad = torch.full((n,), float("nan"), dtype=dtype, device=grad_sums.device)
+            grad = poisoned((n,), dtype, grad_sums.device)
             triton_kernels.broadcast_into(grad_sums.to(dtype).contiguous(), cu_seqlens, grad)
         else:
-            grad = chunked.backward(grad_sums, cu_seqlens, n, dtype)
+            grad = torch_ops.backward(grad_sums, cu_seqlens, n, dtype)
         return grad, None, None
 
 

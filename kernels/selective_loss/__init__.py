@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import checks
-from ..backend import resolve_backend
-from ..linear_logprobs import unit_stride
 from ..losses import common
+from ..losses.spec import FusedLoss, lookup
 from ..streaming.fused_loss import AttachGradients, selective_loss_fused
 from ..streaming.passes import Passes
-from ..streaming.shard import split_head
 from ..topk_mask import topk_mask
-from .compact import compact_boundaries
-from .losses import LOSSES, PAIRWISE, check_options
+from ..utils import acc_dtype, selected_bounds, unit_stride
+from .compact import CompactLoss
 from .naive import selective_loss_naive
 
 
@@ -21,9 +21,8 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           cu_seqlens: torch.Tensor, *, mask: torch.Tensor | None = None,
                           scores: torch.Tensor | None = None, ratio: float | None = None,
                           largest: bool | torch.Tensor | None = None, loss: str = "sepo",
-                          ref_logps: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                           bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                          softcap: float | None = None, backend: str = "auto", process_group=None, **loss_options):
+                          softcap: float | None = None, backend: str = "auto", process_group=None, **loss_args):
     """A preference loss over selected response tokens, computed from hidden states without full logits.
 
     Log-probs are computed only for the tokens the loss reads: the selected ones. The loss and the gradients
@@ -46,9 +45,10 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         mask: optional bool [N]: the selected tokens.
         scores, ratio, largest: select by ``topk_mask(scores, cu_seqlens, ratio, largest=...)`` instead.
         loss: "sepo" (``gamma``, ``margin``), "dpo" (``beta``; needs ``ref_logps``), "simpo" (``beta``,
-            ``gamma``) or "weighted_nll" (needs ``weights``); options go in ``**loss_options``.
-        ref_logps: [N] reference log-probs for "dpo" (treated as constants).
-        weights: [N] token weights for "weighted_nll".
+            ``gamma``), "weighted_nll" (needs ``weights``), or any loss registered by ``losses.register``.
+        **loss_args: the loss's options (numbers) and its per-token inputs ([N] float tensors, treated as
+            constants): ``ref_logps``, the reference log-probs of "dpo"; ``weights``, the token weights of
+            "weighted_nll".
         temperature, softcap, ignore_index: as in ``linear_logprobs``.
         backend: "auto", "triton", "torch" or "naive" (the naive path builds full logits: the reference).
         process_group: the head is sharded over this group along the vocabulary, as in ``linear_logprobs``
@@ -61,78 +61,73 @@ def linear_selective_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         w.r.t. hidden, weight and bias, and the loss's detached per-pair metrics plus "selected" [S],
         the number of selected tokens of each segment.
     """
-    checks.check_float("hidden", hidden, 2)
-    checks.check_float("weight", weight, 2)
-    weight, shard = split_head(weight, process_group)
+    weight, shard = checks.check_head(hidden, weight, targets, bias, ignore_index, temperature, softcap,
+                                      process_group)
     n = hidden.shape[0]
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must have shape [V, D={hidden.shape[1]}], got {tuple(weight.shape)}")
-    if bias is not None:
-        checks.check_float("bias", bias, 1)
-        checks.check_length("bias", bias, weight.shape[0], "V")
-    checks.check_positive("temperature", temperature)
-    if softcap is not None:
-        checks.check_positive("softcap", softcap)
-    checks.check_targets(targets, n, weight.shape[0] if shard is None else shard.vocab, ignore_index)
-    checks.check_same_device(hidden=hidden, weight=weight, targets=targets, cu_seqlens=cu_seqlens)
     num_segments = checks.check_cu_seqlens(cu_seqlens, n)
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    pairwise = loss in PAIRWISE
-    if pairwise:
+    checks.check_same_device(hidden=hidden, cu_seqlens=cu_seqlens)
+    spec = lookup(loss)
+    if spec.pairwise:
         checks.check_pairs(num_segments)
     elif num_segments == 0:
         raise ValueError("cu_seqlens holds no segment: a mean over zero sequences is undefined")
-    if loss == "dpo":
-        if ref_logps is None:
-            raise ValueError("ref_logps is required for loss='dpo'")
-        checks.check_float("ref_logps", ref_logps, 1)
-        checks.check_length("ref_logps", ref_logps, n)
-        ref_logps = ref_logps.detach()
-    if loss == "weighted_nll":
-        if weights is None:
-            raise ValueError("weights is required for loss='weighted_nll'")
-        checks.check_float("weights", weights, 1)
-        checks.check_length("weights", weights, n)
-    valid = targets != ignore_index
-    if mask is not None and scores is not None:
-        raise ValueError("give either mask or scores (with ratio), not both")
-    if mask is not None:
-        checks.check_mask("mask", mask, n)
-        selected = mask & valid
-    elif scores is not None:
-        if ratio is None:
-            raise ValueError("ratio is required with scores")
-        if largest is None:
-            chosen = num_segments // 2 if pairwise else num_segments
-            largest = torch.arange(num_segments, device=hidden.device) < chosen
-        selected = topk_mask(scores, cu_seqlens, ratio, largest=largest, valid=valid, backend=backend)
-    else:
-        selected = valid & (weights != 0) if loss == "weighted_nll" else valid
-    if loss in ("sepo", "simpo"):
+    inputs = loss_inputs(spec, loss_args, hidden)
+    selected = select_tokens(spec, inputs, targets != ignore_index, cu_seqlens, mask, scores, ratio, largest, backend)
+    if spec.mean:
         common.token_counts(cu_seqlens, selected)  # a mean over no selected token: ValueError naming mask
-    options = check_options(loss, loss_options)
-    which = resolve_backend(backend, hidden.device)
-    if which == "naive" and shard is not None:
-        raise ValueError("process_group: the naive backend builds full logits on one process; use torch or triton")
-    if which == "naive":
-        value, metrics = selective_loss_naive(hidden, weight, targets, cu_seqlens, selected, loss, ref_logps, weights,
-                                              bias, ignore_index, temperature, softcap, options)
-        metrics["selected"] = compact_boundaries(selected, cu_seqlens).diff()
+    options = spec.check_options(loss_args)
+    backend = checks.resolve("hidden", hidden, backend, shard)
+    bounds = selected_bounds(selected, cu_seqlens)
+    if backend == "naive":
+        value, metrics = selective_loss_naive(spec, hidden, weight, targets, cu_seqlens, selected, inputs, options,
+                                              bias, ignore_index, temperature, softcap)
+        metrics["selected"] = bounds.diff()
         return value, metrics
-    if which == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("hidden: the triton backend takes float32, bfloat16 or float16, got float64")
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     need = need if torch.is_grad_enabled() else (False, False, False)
     rows = torch.nonzero(selected).squeeze(1)
-    cu_sel = compact_boundaries(selected, cu_seqlens)
-    inputs = (None if t is None else unit_stride(t.detach()) for t in (hidden, weight, bias))
-    loss_value, metrics, grads = selective_loss_fused(Passes(which, temperature, softcap), *inputs, targets,
-                                                      cu_sel.tolist(), rows, loss, pairwise, ref_logps, weights,
-                                                      options, need, shard)
-    metrics["selected"] = cu_sel.diff()
+    start_loss = functools.partial(CompactLoss, spec, options, inputs, backend, acc_dtype(hidden.dtype), any(need))
+    head = (None if t is None else unit_stride(t.detach()) for t in (hidden, weight, bias))
+    loss_value, metrics, grads = selective_loss_fused(Passes(backend, temperature, softcap), *head, targets,
+                                                      bounds.tolist(), rows, spec.pairwise, start_loss, need, shard)
+    metrics["selected"] = bounds.diff()
     value = AttachGradients.apply(loss_value, grads, hidden, weight, bias) if any(need) else loss_value
     return value, metrics
+
+
+def loss_inputs(spec: FusedLoss, loss_args: dict, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-token inputs ``spec`` reads, taken out of ``loss_args`` and checked (float [N], on hidden's
+    device), detached: the loss treats them as constants."""
+    inputs = {}
+    for name in spec.inputs:
+        t = loss_args.pop(name, None)
+        if t is None:
+            raise ValueError(f"{name} is required for loss={spec.name!r}")
+        checks.check_float(name, t, 1)
+        checks.check_length(name, t, hidden.shape[0])
+        checks.check_same_device(hidden=hidden, **{name: t})
+        inputs[name] = t.detach()
+    return inputs
+
+
+def select_tokens(spec: FusedLoss, inputs: dict, valid, cu_seqlens, mask, scores, ratio, largest,
+                  backend) -> torch.Tensor:
+    """bool [N]: the valid tokens the loss reads: ``mask``'s, the top ``ratio`` by ``scores`` (``largest``
+    defaults to True for chosen responses, False for rejected ones), or else those ``spec.reads``."""
+    if mask is not None and scores is not None:
+        raise ValueError("give either mask or scores (with ratio), not both")
+    if mask is not None:
+        checks.check_mask("mask", mask, valid.shape[0])
+        return mask & valid
+    if scores is not None:
+        if ratio is None:
+            raise ValueError("ratio is required with scores")
+        if largest is None:
+            num_segments = cu_seqlens.shape[0] - 1
+            chosen = num_segments // 2 if spec.pairwise else num_segments
+            largest = torch.arange(num_segments, device=valid.device) < chosen
+        return topk_mask(scores, cu_seqlens, ratio, largest=largest, valid=valid, backend=backend)
+    return valid if spec.reads is None else valid & spec.reads(**inputs)
 
 
 __all__ = ["linear_selective_loss", "selective_loss_naive"]

@@ -4,8 +4,9 @@ A pairwise loss couples the tokens of a pair only through the pair's own reward,
 every selected token of its pairs, the loss of those pairs and dL/dlogp of their tokens are known while
 their logits are still in the buffer. Per chunk: one GEMM writes the selected rows' logits over the whole
 vocabulary, a pass folds their log-sum-exps, the loss's closed-form dL/dlogp comes from the [rows] log-probs
-(``ChunkedLoss``: a few small kernels), a pass turns the logits into dL/dlogits in place, and two GEMMs take
-that to dL/dweight (added over the chunks, in fp32 for a half weight) and dL/dhidden. Three GEMMs over the
+(the loss the caller hands in, e.g. ``selective_loss.compact.CompactLoss``: a few small kernels), a pass turns
+the logits into dL/dlogits in place, and two GEMMs take that to dL/dweight (added over the chunks, in fp32 for a
+half weight) and dL/dhidden. Three GEMMs over the
 selected rows, nothing over the others, nothing recomputed; ``AttachGradients`` hands the saved gradients to
 autograd, scaled by the upstream gradient.
 """
@@ -17,8 +18,7 @@ import functools
 import torch
 
 from .. import ledger
-from ..dtypes import acc_dtype
-from ..selective_loss.losses import ChunkedLoss
+from ..utils import acc_dtype
 from . import launch, plan
 from .logprobs import flat_view, shard_targets
 from .passes import Passes
@@ -38,17 +38,23 @@ def unit_groups(units_rows: list[int], limit: int) -> list[tuple[int, int]]:
 
 
 @ledger.scoped
-def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, rows, name, pairwise, ref_logps,
-                         weights, options, need_grads, shard=None):
+def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, rows, pairwise, start_loss,
+                         need_grads, shard=None):
     """(loss, metrics, (grad_hidden, grad_weight, grad_bias)) of the loss over the selected rows ``rows``
-    (sorted indices into hidden), whose segments are bounded by ``cu_sel`` (a list of ints, [S+1]). With a
-    ``shard``, weight and bias are this process's vocabulary shard: the log-probs are combined over the
+    (sorted indices into hidden), whose segments are bounded by ``cu_sel`` (a list of ints, [S+1]); ``pairwise``:
+    the segments are pairs (chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}), else independent sequences. With
+    a ``shard``, weight and bias are this process's vocabulary shard: the log-probs are combined over the
     processes before the loss, and each chunk's hidden gradient is summed over them (in fp32).
 
-    The rows are put in chunk order once per call (one gather of their indices, targets and reference or weights), and
-    every chunk's boundaries reach the device in one copy, so no chunk copies from the host (which would
-    synchronise a GPU's stream). A half weight's gradient is summed over the chunks in an fp32 accumulator
-    (where it fits the buffer's budget) and rounded once at the end."""
+    ``start_loss(seg_rows, chunks, order)`` starts the loss for this call's chunks (``seg_rows``: the rows of
+    each segment; ``chunks``: each chunk's segments in the order its rows are laid out; ``order``: the rows in
+    that order). It returns an object with ``rows`` (each chunk's [r0, r1) in that order), ``grad_(k, logp)``
+    (folds chunk k's log-probs, returns dL/dlogp or None) and ``result()`` (loss, metrics).
+
+    The rows are put in chunk order once per call (one gather of their indices and targets; the loss gathers
+    its inputs), and the loss's boundaries reach the device in one copy, so no chunk copies from the host
+    (which would synchronise a GPU's stream). A half weight's gradient is summed over the chunks in an fp32
+    accumulator (where it fits the buffer's budget) and rounded once at the end."""
     (v, d), dtype = weight.shape, hidden.dtype
     seg_rows = [b - a for a, b in zip(cu_sel[:-1], cu_sel[1:])]
     num_units = len(seg_rows) // 2 if pairwise else len(seg_rows)
@@ -62,10 +68,7 @@ def selective_loss_fused(passes: Passes, hidden, weight, bias, targets, cu_sel, 
     order = torch.cat([rows[cu_sel[s]:cu_sel[e]] for parts in spans for s, e in parts])
     need_h, need_w, need_b = need_grads
     chunks = [[u for s, e in parts for u in range(s, e)] for parts in spans]
-    values = {"dpo": ref_logps, "weighted_nll": weights}.get(name)
-    loss_fn = ChunkedLoss(name, options, passes.which, seg_rows, chunks,
-                          None if values is None else values.index_select(0, order), acc_dtype(dtype), hidden.device,
-                          any(need_grads))
+    loss_fn = start_loss(seg_rows, chunks, order)
     most = min(rows.numel(), max(limit, max(units_rows, default=0)))
     buf = ledger.workspace((most * v,), dtype, hidden.device, name="logits")
     hbuf = ledger.workspace((most, d), dtype, hidden.device, name="rows")

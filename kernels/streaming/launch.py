@@ -12,7 +12,7 @@ import functools
 import torch
 
 from .. import ledger
-from ..dtypes import acc_dtype
+from ..utils import acc_dtype
 
 
 def logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

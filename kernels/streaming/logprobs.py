@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import ledger
-from ..dtypes import acc_dtype
+from ..utils import acc_dtype
 from . import launch, plan
 from .passes import Passes, finish_lse
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import ledger
-from ..dtypes import acc_dtype, shift_of
+from ..utils import acc_dtype, shift_of
 from . import passes_torch
 
 
@@ -16,14 +16,14 @@ def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 class Passes:
-    """``which``: "torch" or "triton". Each method's contract is in ``passes_torch``."""
+    """``backend``: "torch" or "triton". Each method's contract is in ``passes_torch``."""
 
-    def __init__(self, which: str, temperature: float, softcap: float | None):
-        if which == "triton":
+    def __init__(self, backend: str, temperature: float, softcap: float | None):
+        if backend == "triton":
             from . import passes_triton as impl
         else:
             impl = passes_torch
-        self.which, self.impl, self.temperature, self.softcap = which, impl, float(temperature), softcap
+        self.backend, self.impl, self.temperature, self.softcap = backend, impl, float(temperature), softcap
 
     def target_logits(self, h, rows, w, bias, targets) -> torch.Tensor:
         """[n] z of rows ``rows`` of h at their targets (float32; float64 for float64 inputs)."""
@@ -36,7 +36,7 @@ class Passes:
     def record_merge_lse(self, x, m, s) -> None:
         """merge_lse's launches: one, or for a Triton tile of few rows split along the vocabulary
         (``passes_triton.vocab_split``), one writing each program's (max, sum) and one folding them."""
-        splits = self.impl.vocab_split(*x.shape, x.device)[0] if self.which == "triton" and x.shape[0] else 1
+        splits = self.impl.vocab_split(*x.shape, x.device)[0] if x.shape[0] else 1
         if splits == 1:
             ledger.record_pass("merge_lse", (x, m, s), (m, s))
         else:
@@ -48,10 +48,7 @@ class Passes:
         """Folds the tile into the running max ``m`` and sum ``s``; ``keep=False``: x may be overwritten."""
         self.record_merge_lse(x, m, s)
         if ledger.executing():
-            if self.which == "torch":
-                self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap, keep)
-            else:
-                self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)
+            self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap, keep)
 
     def logprobs_and_grad_(self, x, bias, targets, x_t, loss_grad, combine=None) -> torch.Tensor:
         """For a tile spanning the whole vocabulary (or this process's shard of it): each row's lse,
@@ -62,7 +59,7 @@ class Passes:
         The same two passes as ``merge_lse_`` and ``grad_logits_``; PyTorch ops fuse them into four (exp(z - max)
         stays in x in between) when the math needs no softcap, no widening and no combining."""
         r, acc = x.shape[0], acc_dtype(x.dtype)
-        fast = (ledger.executing() and self.which == "torch" and self.softcap is None and x.dtype == acc
+        fast = (ledger.executing() and self.backend == "torch" and self.softcap is None and x.dtype == acc
                 and combine is None)
         m = torch.full((r,), float("-inf"), dtype=acc, device=x.device)
         s = torch.zeros_like(m)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import acc_dtype, shift_of
+from ..utils import acc_dtype, shift_of
 
 # Bytes of a block of rows (in the math dtype) that a pass finishes before moving on: within the 1-2 MiB L2
 # cache of one core of a current server CPU, split between the threads of an op.
@@ -51,6 +51,12 @@ def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tens
     z = (h.index_select(0, rows).to(acc) * w.index_select(0, t).to(acc)).sum(1)
     return transform_(z[:, None], None if bias is None else bias.index_select(0, t)[:, None], temperature,
                       softcap)[:, 0]
+
+
+def vocab_split(rows: int, cols: int, device) -> tuple[int, int]:
+    """(launches per row, columns each) of ``merge_lse_``: PyTorch ops take the tile whole (see
+    ``passes_triton.vocab_split``)."""
+    return 1, cols
 
 
 def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True) -> None:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import poisoned
+
 BLOCK_V = 2048
 NUM_WARPS = 4
 BLOCK_D = 1024
@@ -192,7 +194,7 @@ def _flags(bias, softcap) -> dict:
 
 def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tensor:
     n = rows.numel()
-    out = torch.full((n,), float("nan"), dtype=torch.float32, device=h.device)  # poisoned
+    out = poisoned((n,), torch.float32, h.device)
     if n:
         _target_logits_kernel[(n,)](h, rows, w, bias if bias is not None else w, targets, out, h.shape[1],
                                     h.stride(0), w.stride(0), float(temperature), float(softcap or 1.0),
@@ -200,9 +202,9 @@ def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tens
     return out
 
 
-def merge_lse_(x, bias, m, s, temperature, softcap, splits: int | None = None) -> None:
-    """``splits``: see ``vocab_split``. Split, each program writes its row part's (max, sum) and a second small
-    launch folds them into m and s."""
+def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True, splits: int | None = None) -> None:
+    """x is only read, whatever ``keep``. ``splits``: see ``vocab_split``. Split, each program writes its row
+    part's (max, sum) and a second small launch folds them into m and s."""
     r, w = x.shape
     if not r:
         return

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ledger
-from ..dtypes import shift_of
+from ..utils import shift_of
 from .passes import finish_lse
 
 

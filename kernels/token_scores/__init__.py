@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..backend import resolve_backend
-from ..linear_logprobs import unit_stride
 from ..streaming.logprobs import row_logprobs
 from ..streaming.passes import Passes
 from ..streaming.shard import split_head
+from ..utils import unit_stride
 from .naive import token_scores_naive
 
 
@@ -54,16 +53,12 @@ def token_scores(hidden_a: torch.Tensor, weight_a: torch.Tensor, hidden_b: torch
     checks.check_same_device(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b,
                              targets=targets)
     checks.check_same_dtype(hidden_a=hidden_a, weight_a=weight_a, hidden_b=hidden_b, weight_b=weight_b)
-    which = resolve_backend(backend, hidden_a.device)
-    if which == "naive" and shard is not None:
-        raise ValueError("process_group: the naive backend builds full logits on one process; use torch or triton")
-    if which == "naive":
+    backend = checks.resolve("hidden_a", hidden_a, backend, shard)
+    if backend == "naive":
         return token_scores_naive(hidden_a, weight_a, hidden_b, weight_b, targets, ignore_index)
-    if which == "triton" and hidden_a.dtype == torch.float64:
-        raise TypeError("hidden_a: the triton backend takes float32, bfloat16 or float16, got float64")
     rows = torch.nonzero(targets != ignore_index).squeeze(1)  # the call's one host synchronisation
     t = targets.index_select(0, rows)
-    passes = Passes(which, 1.0, None)
+    passes = Passes(backend, 1.0, None)
     logp_a, _ = row_logprobs(passes, unit_stride(hidden_a), unit_stride(weight_a), None, rows, t, shard)
     logp_b, _ = row_logprobs(passes, unit_stride(hidden_b), unit_stride(weight_b), None, rows, t, shard)
     out = torch.zeros(n, dtype=logp_a.dtype, device=hidden_a.device)

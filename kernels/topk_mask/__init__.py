@@ -8,8 +8,9 @@ import torch
 
 from .. import checks
 from ..backend import resolve_backend
-from . import chunked
-from .counts import select_counts, valid_per_segment
+from ..utils import selected_bounds
+from . import torch_ops
+from .counts import select_counts
 from .naive import topk_mask_naive
 
 
@@ -67,12 +68,12 @@ def topk_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float | Non
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
     checks.check_same_device(scores=scores, cu_seqlens=cu_seqlens, valid=valid, counts=counts,
                              largest=largest if isinstance(largest, torch.Tensor) else None)
-    which = resolve_backend(backend, scores.device)
+    backend = resolve_backend(backend, scores.device)
     valid = torch.ones(n, dtype=torch.bool, device=scores.device) if valid is None else valid.contiguous()
     nan_at = torch.nonzero(torch.isnan(scores) & valid)
     if nan_at.numel():
         raise ValueError(f"scores must not be NaN at a valid token; found NaN at position {int(nan_at[0])}")
-    n_valid = valid_per_segment(cu_seqlens, valid)
+    n_valid = selected_bounds(valid, cu_seqlens).diff()
     if counts is None:
         k = select_counts(ratio, n_valid)
     else:
@@ -85,13 +86,13 @@ def topk_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float | Non
     if not isinstance(largest, torch.Tensor):
         largest = torch.full((num_segments,), largest, dtype=torch.bool, device=scores.device)
     args = (scores.contiguous(), cu_seqlens.contiguous(), k, largest.contiguous(), valid)
-    if which == "naive":
+    if backend == "naive":
         return topk_mask_naive(*args)
-    if which == "triton":
+    if backend == "triton":
         from . import triton_kernels
 
         return triton_kernels.topk_mask(*args)
-    return chunked.topk_mask(*args)
+    return torch_ops.topk_mask(*args)
 
 
 __all__ = ["topk_mask", "topk_mask_naive"]

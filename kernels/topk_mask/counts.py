@@ -18,13 +18,6 @@ import torch
 SLACK = 1.0 + 2.0**-50
 
 
-def valid_per_segment(cu_seqlens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """int64 [S]: the number of valid tokens in each segment."""
-    prefix = torch.nn.functional.pad(valid.long().cumsum(0), (1, 0))
-    bounds = cu_seqlens.long()
-    return prefix[bounds[1:]] - prefix[bounds[:-1]]
-
-
 def select_counts(ratio: float, n_valid: torch.Tensor) -> torch.Tensor:
     """int64 [S]: k of each segment, given its number of valid tokens ``n_valid`` (int64 [S])."""
     k = torch.floor(n_valid.to(torch.float64) * (float(ratio) * SLACK)).long()

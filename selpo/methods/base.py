@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..context import pair_row
+from ..stage import Stage
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -56,12 +57,17 @@ def view_row(pair: TokenizedPair, scores: tuple[list[float], list[float]], masks
 
 class Method:
     """A training method. A subclass sets the class attributes and ``prepare``, and overrides what differs
-    from the defaults; an instance registered with ``selpo.methods.register`` is runnable as ``method = NAME``.
+    from the defaults; an instance registered with ``selpo.methods.register`` (or named by an entry point of the
+    group ``selpo.methods``) is runnable as ``method = NAME``.
     """
 
     name: ClassVar[str]  # the value of the run's `method` key
     title: ClassVar[str]  # its name in reports
-    stages: ClassVar[tuple[str, ...]]  # the stages it runs, in order (selpo.stages.pipeline.STAGES)
+    # Its options: a dataclass of documented fields (selpo.options) with SECTION = name, the configuration
+    # section [<name>] (`selpo config --keys` lists it; the train stage's fingerprint covers it); None: none.
+    options: ClassVar[type | None] = None
+    # The stages it runs between `data` and `train`, in order; the same stage may serve several methods.
+    stages: ClassVar[tuple[Stage, ...]] = ()
     strength: ClassVar[str]  # the configuration key `selpo compare` varies
     grid: ClassVar[tuple[float, ...]]  # that key's values there; the first one's run shows its tokens
     selects: ClassVar[bool] = False  # whether its loss reads a chosen subset of the response tokens

@@ -7,6 +7,8 @@ The reference is the policy as it starts.
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 
 from accelerate import Accelerator
@@ -15,16 +17,26 @@ from ..context import Context
 from ..examples import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import pair_logps, response_states
+from ..options import option, require
 from .base import Method, Prepared
 
-BETA = 0.1  # train.beta when none is given
+
+@dataclass
+class DPOOptions:
+    """DPO (method "dpo"): the baseline on every response token."""
+
+    SECTION: typing.ClassVar[str] = "dpo"
+    beta: float = option(0.1, "DPO's KL strength beta.")
+
+    def __post_init__(self):
+        require(self.SECTION, "beta", math.isfinite(self.beta) and self.beta > 0, f"must be > 0, got {self.beta}")
 
 
 @dataclass
 class DPO:
     """``-logsigmoid(beta * (sum of log-ratios of chosen - of rejected))`` over all response tokens."""
 
-    beta: float = BETA
+    beta: float = DPOOptions.beta
     backend: str = "auto"
 
     def loss(self, model, batch):
@@ -56,11 +68,10 @@ def reference_examples(ctx: Context, reference, tokenizer) -> list[Example]:
 class DPOMethod(Method):
     name = "dpo"
     title = "DPO"
-    stages = ("data", "train", "eval", "report")
-    strength = "train.beta"
+    options = DPOOptions
+    strength = "dpo.beta"
     grid = (0.1, 0.5)
 
     def prepare(self, ctx, policy, tokenizer, key):
-        beta = ctx.config.train.beta
-        objective = DPO(beta=BETA if beta is None else beta, backend=ctx.config.backend)
+        objective = DPO(beta=ctx.config.dpo.beta, backend=ctx.config.backend)
         return Prepared(objective, reference_examples(ctx, policy, tokenizer))

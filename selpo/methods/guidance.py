@@ -18,27 +18,72 @@ alternation itself.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import write_text_atomic
-from ..context import Context
+from ..context import Context, mark_done, read_done
 from ..data import TokenizedPair, TokenizedRanking, encode_prompt
 from ..distributed import map_batches
 from ..examples import Example
 from ..kernels import linear_selective_loss, mean_lengths, plackett_luce_loss, sequence_scores
 from ..logprobs import response_states
+from ..options import LoopConfig, option, require
 from ..reward_model import pair_rewards, token_rewards
 from ..rewards import load_reward
 from ..sentiment import sample_responses
+from ..stage import Stage
 from ..trainer import train
 from .base import Method, Prepared, view_row
 
 SCALED = ("avg", "softmax", "softmin")  # aggregations scaled by the mean length C of the compared sequences
+AGGREGATIONS = ("avg", "softmax", "softmin", "sum")
+
+
+@dataclass
+class GuidanceConfig(LoopConfig):
+    """Token-level guidance (method "guidance"): a reward model giving each response token a reward in (0, 1],
+    learned from sequence-level preferences, and its retraining on the policy's own ranked samples."""
+
+    SECTION: typing.ClassVar[str] = "guidance"
+    lr: float = option(2e-5, "Peak learning rate of AdamW (the scalar head starts from random weights).")
+    fraction: float = option(0.3, "Share of the training pairs (a seeded random subset) the first guidance model "
+                             "learns from, as the oracle does for SePO.")
+    aggregation: str = option("softmax", "How a sequence's token rewards become its score: avg, softmax, softmin "
+                              "(averaged ones scaled by the mean length of the compared sequences) or sum.")
+    temperature: float = option(2.0, "Temperature of the softmax and softmin aggregations.")
+    rounds: int = option(1, "Times the guidance model is retrained on the policy's samples in its training (0: never).")
+    every: int = option(10, "Policy steps between retrainings: round r happens before step r * every.")
+    samples: int = option(4, "Responses sampled per prompt for a retraining, ranked by the task's reward "
+                          "(eval.reward; Plackett-Luce over them; 2 is Bradley-Terry).")
+    prompts: int = option(16, "Training prompts sampled per retraining.")
+    max_new_tokens: int = option(40, "Most tokens per sampled response.")
+    retrain_epochs: int = option(2, "Passes over a round's ranked samples when retraining.")
+    head: str = option("linear", "The reward model's token head: linear (selpo's: one linear layer and a sigmoid, "
+                       "rewards in (0, 1)) or mlp (the released code's: a ReLU MLP with 2048 hidden units, its output "
+                       "clamped by a double softplus, rewards in (1e-8, 1.31); see selpo.reward_model).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        s = self.SECTION
+        require(s, "fraction", 0 < self.fraction <= 1, f"must lie in (0, 1], got {self.fraction}")
+        require(s, "aggregation", self.aggregation in AGGREGATIONS,
+                f"must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        require(s, "temperature", math.isfinite(self.temperature) and self.temperature > 0,
+                f"must be > 0, got {self.temperature}")
+        require(s, "rounds", self.rounds >= 0, f"must be >= 0, got {self.rounds}")
+        for name in ("every", "prompts", "max_new_tokens", "retrain_epochs"):
+            require(s, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        require(s, "samples", self.samples >= 2, f"must be >= 2, got {self.samples}")
+        require(s, "head", self.head in ("linear", "mlp"), f"must be one of ('linear', 'mlp'), got {self.head!r}")
+
+
+GUIDANCE = Stage("guidance", needs=("data",), keys=("model", "seed", "guidance"), trains="reward model (ranking)",
+                 help="train the token-level guidance model on a share of the training pairs")
 
 
 @dataclass
@@ -130,8 +175,7 @@ class Alternation:
             self.done_rounds = r
 
     def _load(self, r: int):
-        done = round_folder(self.ctx, r) / "DONE.json"
-        if done.is_file() and json.loads(done.read_text())["fingerprint"] == self.key:
+        if read_done(round_folder(self.ctx, r), self.key) is not None:
             return torch.load(round_folder(self.ctx, r) / "weights.pt")
         return None
 
@@ -152,7 +196,7 @@ class Alternation:
         if ctx.accelerator.is_main_process:
             torch.save(weights, folder / "weights.pt.tmp")
             (folder / "weights.pt.tmp").replace(folder / "weights.pt")
-            write_text_atomic(folder / "DONE.json", json.dumps({"fingerprint": self.key, "rankings": len(rankings)}))
+            mark_done(folder, {"fingerprint": self.key, "rankings": len(rankings)})
         ctx.accelerator.wait_for_everyone()
         return weights
 
@@ -187,7 +231,8 @@ class Alternation:
 class GuidanceMethod(Method):
     name = "guidance"
     title = "token-level guidance"
-    stages = ("data", "guidance", "train", "eval", "report")
+    options = GuidanceConfig
+    stages = (GUIDANCE,)
     strength = "guidance.temperature"
     grid = (2.0, 0.5)
     legend = ("the reward model's token reward r<sub>t</sub> in (0, 1); outlined: the tokens the weighted "

@@ -12,16 +12,42 @@ only the kept tokens (the others get a zero gradient, which ``linear_logprobs`` 
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels import dpo_loss, linear_logprobs, segment_sum, topk_mask
 from ..logprobs import response_states
+from ..options import option, require
 from .base import Method, Prepared, view_row
-from .dpo import reference_examples
+from .dpo import DPOOptions, reference_examples
+from .oracle import ORACLE
 
-BETA = 0.1  # train.beta when none is given
+RULES = ("topk", "quantile")
+
+
+@dataclass
+class SelectiveDPOOptions:
+    """Selective-DPO (method "selective_dpo"): DPO on the tokens its strong reference (the oracle) picks at every
+    step."""
+
+    SECTION: typing.ClassVar[str] = "selective_dpo"
+    beta: float = option(DPOOptions.beta, "DPO's KL strength beta.")
+    ratio: float = option(0.4, "Share of each response's tokens kept at every step (the highest scores).")
+    rule: str = option("topk", "The selection: topk (exactly max(1, floor(ratio * n)) tokens, ties to the earlier "
+                       "position) or quantile (the released code: every token scoring >= the (1 - ratio) quantile of "
+                       "its response, linear interpolation, i.e. floor(ratio * n + 1 - ratio) tokens plus all ties "
+                       "at the threshold; the released code also drops tokens whose policy log-prob is exactly 0.0 "
+                       "as if padding, an artefact of its padded layout that selpo's packed layout does not need, "
+                       "so they are kept).")
+
+    def __post_init__(self):
+        s = self.SECTION
+        require(s, "beta", math.isfinite(self.beta) and self.beta > 0, f"must be > 0, got {self.beta}")
+        require(s, "ratio", 0 < self.ratio <= 1, f"must lie in (0, 1], got {self.ratio}")
+        require(s, "rule", self.rule in RULES, f"must be one of {RULES}, got {self.rule!r}")
 
 
 def selection_scores(logps: torch.Tensor, ref_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -55,7 +81,7 @@ def selective_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float,
     if rule == "quantile":
         return quantile_mask(scores, cu_seqlens, ratio)
     if rule != "topk":
-        raise ValueError(f"rule must be 'topk' or 'quantile', got {rule!r}")
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     return topk_mask(scores, cu_seqlens, ratio, largest=True, backend=backend)
 
 
@@ -63,9 +89,9 @@ def selective_mask(scores: torch.Tensor, cu_seqlens: torch.Tensor, ratio: float,
 class SelectiveDPO:
     """``-logsigmoid(beta * (sum over kept chosen tokens - over kept rejected tokens of log p - log p_ref))``."""
 
-    beta: float = BETA
-    ratio: float = 0.4
-    rule: str = "topk"
+    beta: float = SelectiveDPOOptions.beta
+    ratio: float = SelectiveDPOOptions.ratio
+    rule: str = SelectiveDPOOptions.rule
     backend: str = "auto"
 
     def loss(self, model, batch):
@@ -82,8 +108,9 @@ class SelectiveDPO:
 class SelectiveDPOMethod(Method):
     name = "selective_dpo"
     title = "Selective-DPO"
-    stages = ("data", "oracle", "train", "eval", "report")
-    strength = "train.beta"
+    options = SelectiveDPOOptions
+    stages = (ORACLE,)
+    strength = "selective_dpo.beta"
     grid = (0.1, 0.5)
     selects = True
     legend = ("log p<sub>ref</sub> - log p<sub>policy</sub> in chosen responses, its negative in rejected ones, "
@@ -94,20 +121,19 @@ class SelectiveDPOMethod(Method):
         reference, _ = ctx.load_causal_lm(ctx.model_path("oracle"))
         examples = reference_examples(ctx, reference, tokenizer)
         del reference
-        cfg = ctx.config.train
-        objective = SelectiveDPO(beta=BETA if cfg.beta is None else cfg.beta, ratio=cfg.selective_ratio,
-                                 rule=cfg.selective_rule, backend=ctx.config.backend)
+        cfg = ctx.config.selective_dpo
+        objective = SelectiveDPO(beta=cfg.beta, ratio=cfg.ratio, rule=cfg.rule, backend=ctx.config.backend)
         return Prepared(objective, examples)
 
     def token_view(self, ctx, pairs, logps):
-        """The scores under the trained policy, and the tokens ``train.selective_rule`` keeps, as at its last step."""
-        cfg = ctx.config.train
+        """The scores under the trained policy, and the tokens ``selective_dpo.rule`` keeps, as at its last step."""
+        cfg = ctx.config.selective_dpo
         rows = []
         for pair, policy, oracle in zip(pairs, logps.policy, logps.oracle):
             n = len(policy[0])
             cu = torch.tensor([0, n, n + len(policy[1])], dtype=torch.int32)
             scores = selection_scores(torch.cat(policy), torch.cat(oracle), cu)
-            mask = selective_mask(scores, cu, cfg.selective_ratio, cfg.selective_rule, ctx.config.backend)
+            mask = selective_mask(scores, cu, cfg.ratio, cfg.rule, ctx.config.backend)
             rows.append(view_row(pair, (scores[:n].tolist(), scores[n:].tolist()),
                                  (mask[:n].int().tolist(), mask[n:].int().tolist())))
         return rows

@@ -1,8 +1,11 @@
 """SePO (arXiv 2408.13518): a DPO-trained oracle scores every response token (the ``oracle`` and ``score``
-stages), and the policy's reference-free loss reads only the key tokens it selected."""
+stages; ``score`` and its section are declared here, its code is ``selpo.stages.score``), and the policy's
+reference-free loss reads only the key tokens it selected."""
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +14,54 @@ from ..context import row_pair
 from ..examples import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import response_states
+from ..options import option, require
+from ..stage import Stage
 from .base import Method, Prepared
+from .oracle import ORACLE
 
-MARGIN = 0.0  # train.margin when none is given
+SCORE_RULES = ("paper", "released")
+
+
+@dataclass
+class SePOOptions:
+    """SePO (method "sepo"): the policy's reference-free loss on the key tokens the oracle selected."""
+
+    SECTION: typing.ClassVar[str] = "sepo"
+    gamma: float = option(1.0, "Reward scale gamma (1 in the authors' code).")
+    margin: float = option(0.0, "Target reward margin, subtracted after gamma scales the gap: "
+                           "-logsigmoid(gamma * (u_chosen - u_rejected) - margin) (0 in the authors' code).")
+
+    def __post_init__(self):
+        require(self.SECTION, "gamma", self.gamma > 0, f"must be > 0, got {self.gamma}")
+        require(self.SECTION, "margin", math.isfinite(self.margin), f"must be finite, got {self.margin}")
+
+
+@dataclass
+class ScoreConfig:
+    """SePO: token rewards log p_oracle - log p_reference, and the key tokens chosen from them."""
+
+    SECTION: typing.ClassVar[str] = "score"
+    chosen_ratio: float = option(0.3, "Share of each chosen response's tokens selected: the highest rewards.")
+    rejected_ratio: float = option(0.3, "Share of each rejected response's tokens selected: the lowest rewards.")
+    batch_size: int = option(16, "Pairs per forward pass of the scoring models.")
+    rule: str = option("paper", "Which tokens may be selected: paper (every response token; k = max(1, "
+                       "floor(ratio * n)) of n) or released (the authors' code: the first response token is never "
+                       "selectable, k = max(1, int(ratio * (n - 1))): their float arithmetic, one less than the "
+                       "exact floor for a few (ratio, n), e.g. 28 for ratio 0.58 and n = 51, and at least 1 where "
+                       "their code gives 0 and a NaN loss; a one-token response keeps its token; and a response that "
+                       "data.max_length cut has its last token replaced by EOS, scored and trained as EOS). Under "
+                       "paper a cut response simply ends where it was cut, with no EOS.")
+
+    def __post_init__(self):
+        for name in ("chosen_ratio", "rejected_ratio"):
+            value = getattr(self, name)
+            require(self.SECTION, name, 0 < value <= 1, f"must lie in (0, 1], got {value}")
+        require(self.SECTION, "rule", self.rule in SCORE_RULES, f"must be one of {SCORE_RULES}, got {self.rule!r}")
+        require(self.SECTION, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
+
+
+SCORE = Stage("score", needs=("data", "oracle"), keys=("score",), options=ScoreConfig,
+              help="score every response token with the oracle and select the key tokens (SePO)")
 
 
 @dataclass
@@ -23,8 +71,8 @@ class SePO:
     Reads ``batch.extras["mask"]`` (bool, the selected tokens, written by the score stage).
     """
 
-    gamma: float = 1.0
-    margin: float = MARGIN
+    gamma: float = SePOOptions.gamma
+    margin: float = SePOOptions.margin
     backend: str = "auto"
 
     def loss(self, model, batch):
@@ -43,17 +91,17 @@ def selected_examples(rows: list[dict]) -> list[Example]:
 class SePOMethod(Method):
     name = "sepo"
     title = "SePO"
-    stages = ("data", "oracle", "score", "train", "eval", "report")
-    strength = "train.gamma"
+    options = SePOOptions
+    stages = (ORACLE, SCORE)
+    strength = "sepo.gamma"
     grid = (1.0, 2.5)
     selects = True
     legend = ("the oracle's reward log p<sub>oracle</sub> - log p<sub>initial</sub>; outlined: the selected key "
               "tokens (highest rewards in chosen responses, lowest in rejected ones)")
 
     def prepare(self, ctx, policy, tokenizer, key):
-        cfg = ctx.config.train
-        objective = SePO(gamma=cfg.gamma, margin=MARGIN if cfg.margin is None else cfg.margin,
-                         backend=ctx.config.backend)
+        cfg = ctx.config.sepo
+        objective = SePO(gamma=cfg.gamma, margin=cfg.margin, backend=ctx.config.backend)
         return Prepared(objective, selected_examples(ctx.scored()))
 
     def token_view(self, ctx, pairs, logps):

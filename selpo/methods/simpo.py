@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 
 from ..examples import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import response_states
+from ..options import option, require
 from .base import Method, Prepared
 
-BETA, MARGIN = 2.0, 0.5  # train.beta and train.margin when none is given
+
+@dataclass
+class SimPOOptions:
+    """SimPO (method "simpo"): the reference-free baseline on every response token."""
+
+    SECTION: typing.ClassVar[str] = "simpo"
+    beta: float = option(2.0, "Reward scale beta.")
+    gamma: float = option(0.5, "Target reward margin gamma, absolute: subtracted after beta scales the mean "
+                          "log-prob gap, -logsigmoid(beta * gap - gamma); the official SimPO code's "
+                          "gamma_beta_ratio is gamma / beta (its gamma 0.5 at beta 2.0 is a ratio of 0.25).")
+
+    def __post_init__(self):
+        require(self.SECTION, "beta", math.isfinite(self.beta) and self.beta > 0, f"must be > 0, got {self.beta}")
+        require(self.SECTION, "gamma", math.isfinite(self.gamma), f"must be finite, got {self.gamma}")
 
 
 @dataclass
 class SimPO:
     """``-logsigmoid(beta * (mean log-prob of chosen - of rejected) - gamma)``."""
 
-    beta: float = BETA
-    gamma: float = MARGIN
+    beta: float = SimPOOptions.beta
+    gamma: float = SimPOOptions.gamma
     backend: str = "auto"
 
     def loss(self, model, batch):
@@ -29,12 +45,11 @@ class SimPO:
 class SimPOMethod(Method):
     name = "simpo"
     title = "SimPO"
-    stages = ("data", "train", "eval", "report")
-    strength = "train.beta"
+    options = SimPOOptions
+    strength = "simpo.beta"
     grid = (2.0, 5.0)
 
     def prepare(self, ctx, policy, tokenizer, key):
-        cfg = ctx.config.train
-        objective = SimPO(beta=BETA if cfg.beta is None else cfg.beta,
-                          gamma=MARGIN if cfg.margin is None else cfg.margin, backend=ctx.config.backend)
+        cfg = ctx.config.simpo
+        objective = SimPO(beta=cfg.beta, gamma=cfg.gamma, backend=ctx.config.backend)
         return Prepared(objective, [Example(p) for p in ctx.pairs("train")])

@@ -38,6 +38,7 @@ from ..models import resolve_model_path
 from ..rewards import VADER, describe, load_reward
 from ..sentiment import key_token_mask, sample_responses
 from ..trainer import read_metrics
+from .pipeline import pipeline
 
 SAMPLES_PER_PROMPT = 2  # packed as one "pair" per prompt, the layout the log-prob pass takes
 
@@ -126,7 +127,7 @@ def run(ctx: Context) -> dict:
     prompts = ctx.prompts("test")[:cfg.prompts]
     test_pairs = ctx.pairs("test")
     view_pairs = ctx.pairs("train")[:cfg.token_pairs]
-    has_oracle = "oracle" in method.stages
+    has_oracle = "oracle" in pipeline(run_cfg.method)
     policy, tokenizer = ctx.load_causal_lm(ctx.model_path("train"))
 
     def logps(model, pairs, desc):

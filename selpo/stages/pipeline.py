@@ -15,59 +15,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import time
-from dataclasses import dataclass
 
 from .. import config as config_module
 from .. import tracking
-from ..atomic import write_text_atomic
 from ..config import RunConfig
-from ..context import DONE, Context
+from ..context import DONE, Context, mark_done
 from ..input_hashes import input_hashes, input_paths
 from ..run_folder import LOGS, OWN_FILES, RunFolderError
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the pipeline, implemented by ``run(ctx) -> dict`` (a JSON summary kept in its DONE.json)
-    in the module ``selpo.stages.<name>``, imported only when the stage runs (so ``--help`` stays fast)."""
-
-    name: str
-    # Stages whose outputs it reads (they must be done first).
-    needs: tuple[str, ...]
-    # Configuration keys its result depends on: run-wide keys or whole sections.
-    keys: tuple[str, ...]
-    # One line for --help and the logs.
-    help: str
-
-    def keys_for(self, method: str) -> tuple[str, ...]:
-        """Its keys, and those its result depends on under ``method`` only (``Method.stage_keys``)."""
-        from .. import methods  # imported when a run needs it: it brings torch, which `selpo --help` does without
-
-        return self.keys + tuple(methods.get(method).stage_keys.get(self.name, ()))
-
-    def run(self, ctx: Context) -> dict:
-        return importlib.import_module(f"{__package__}.{self.name}").run(ctx)
-
-
-STAGES = (
-    Stage("data", needs=(), keys=("model", "data"), help="validate and tokenize the training and held-out pairs"),
-    Stage("oracle", needs=("data",), keys=("model", "seed", "oracle"),
-          help="DPO-train a copy of the initial model on a share of the training pairs (SePO's oracle, "
-          "Selective-DPO's reference)"),
-    Stage("guidance", needs=("data",), keys=("model", "seed", "guidance"),
-          help="train the token-level guidance model on a share of the training pairs"),
-    Stage("score", needs=("data", "oracle"), keys=("score",),
-          help="score every response token with the oracle and select the key tokens (SePO)"),
-    Stage("train", needs=("data", "oracle", "guidance", "score"), keys=("seed", "method", "train"),
-          help="train the policy with the run's method"),
-    Stage("eval", needs=("data", "oracle", "guidance", "score", "train"), keys=("seed", "eval"),
-          help="sample the initial model and the policy on held-out prompts and compare them"),
-    Stage("report", needs=("data", "oracle", "guidance", "score", "train", "eval"), keys=("report",),
-          help="write report.html: configuration, results, training curves, token heatmap"),
-)
+from ..stage import FIRST, LAST, Stage
 
 
 class StageError(RuntimeError):
@@ -75,25 +32,35 @@ class StageError(RuntimeError):
 
 
 def stages() -> dict[str, Stage]:
-    """All stages by name, in pipeline order."""
-    return {s.name: s for s in STAGES}
+    """Every stage by name, in pipeline order: data, those the registered methods declare, train, eval, report."""
+    from .. import methods  # imported when needed: the registry brings torch, which the bookkeeping does without
+
+    return methods.stages()
 
 
 def pipeline(method: str) -> tuple[str, ...]:
-    """The stages ``method`` runs (``Method.stages``), in order, each one checked to exist."""
-    from .. import methods  # as in Stage.keys_for
+    """The stages ``method`` runs, in order: data, its own (``Method.stages``), train, eval, report."""
+    from .. import methods
 
-    names = methods.get(method).stages
-    unknown = [name for name in names if name not in stages()]
-    if unknown:
-        raise ValueError(f"method {method!r} runs unknown stage(s) {', '.join(unknown)}; stages: "
-                         f"{', '.join(stages())}")
-    return names
+    return tuple(s.name for s in FIRST + methods.get(method).stages + LAST)
 
 
 def needs(config: RunConfig, name: str) -> tuple[str, ...]:
-    """The stages stage ``name`` reads under ``config``'s method: those of its ``needs`` the method runs."""
-    return tuple(up for up in stages()[name].needs if up in pipeline(config.method))
+    """The stages stage ``name`` reads under ``config``'s method: its ``needs``, or (None) every stage the method
+    runs before it."""
+    names = pipeline(config.method)
+    declared = stages()[name].needs
+    return names[:names.index(name)] if declared is None else declared
+
+
+def keys(method_name: str, name: str) -> tuple[str, ...]:
+    """The configuration keys stage ``name``'s result depends on under method ``method_name``: the stage's own, those
+    the method adds for it (``Method.stage_keys``) and, for ``train``, the method's own section."""
+    from .. import methods
+
+    method = methods.get(method_name)
+    own = (method.name,) if name == "train" and method.options is not None else ()
+    return stages()[name].keys + own + tuple(method.stage_keys.get(name, ()))
 
 
 # Keys that change how a result is computed, never what it is (up to float rounding): in no fingerprint.
@@ -115,8 +82,8 @@ def _config_values(config: RunConfig, keys: tuple[str, ...]) -> dict:
 
 def fingerprint(config: RunConfig, name: str) -> str:
     """The hash a finished stage ``name`` must carry to count as done under ``config`` and its inputs."""
-    keys = stages()[name].keys_for(config.method)
-    material = {"config": _config_values(config, keys), "inputs": input_hashes(config, keys),
+    depends = keys(config.method, name)
+    material = {"config": _config_values(config, depends), "inputs": input_hashes(config, depends),
                 "needs": {up: fingerprint(config, up) for up in needs(config, name)}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -134,12 +101,11 @@ def _changed(old: dict, new: dict) -> list[str]:
 
 
 def _why_stale(ctx: Context, name: str) -> str:
-    record = ctx.done_record(name)
-    keys = stages()[name].keys_for(ctx.config.method)
-    changed = _changed(record.get("config", {}), _config_values(ctx.config, keys))
+    record, depends = ctx.done_record(name), keys(ctx.config.method, name)
+    changed = _changed(record.get("config", {}), _config_values(ctx.config, depends))
     if changed:
         return f"its configuration changed ({', '.join(changed)})"
-    edited = _changed(record.get("inputs", {}), input_hashes(ctx.config, keys))
+    edited = _changed(record.get("inputs", {}), input_hashes(ctx.config, depends))
     if edited:
         return f"the contents of its input changed ({', '.join(edited)})"
     return "a stage it reads was redone since"
@@ -190,7 +156,7 @@ def tracked(ctx: Context):
         yield
         return
     _on_main(ctx, ctx.folder.begin_logs)
-    tracking.start(ctx.accelerator, ctx.config)
+    tracking.start(ctx.accelerator, ctx.config.run_dir, config_module.to_dict(ctx.config))
     try:
         yield
     finally:
@@ -203,8 +169,8 @@ def run_stage(ctx: Context, name: str) -> dict:
     """Runs stage ``name`` (again, if it was done) and marks it done; returns its summary. A stage that uses the
     reward (``eval.reward`` among its keys) checks it first (``announce_reward``)."""
     with working(ctx), tracked(ctx):
-        keys = stages()[name].keys_for(ctx.config.method)
-        if "eval" in keys or "eval.reward" in keys:
+        depends = keys(ctx.config.method, name)
+        if "eval" in depends or "eval.reward" in depends:
             announce_reward(ctx)
         return _run_stage(ctx, name)
 
@@ -236,12 +202,12 @@ def _run_stage(ctx: Context, name: str) -> dict:
     body = TALLY.totals(ctx.accelerator)
     if body["padded_tokens"]:
         summary = {**summary, **body}
-    keys = stage.keys_for(ctx.config.method)
-    record = {"fingerprint": fingerprint(ctx.config, name), "config": _config_values(ctx.config, keys),
-              "inputs": input_hashes(ctx.config, keys), "seconds": round(time.perf_counter() - began, 1),
+    depends = keys(ctx.config.method, name)
+    record = {"fingerprint": fingerprint(ctx.config, name), "config": _config_values(ctx.config, depends),
+              "inputs": input_hashes(ctx.config, depends), "seconds": round(time.perf_counter() - began, 1),
               "summary": summary}
     if ctx.accelerator.is_main_process:
-        write_text_atomic(ctx.stage_dir(name) / DONE, json.dumps(record, indent=1))
+        mark_done(ctx.stage_dir(name), record)
         ctx.folder.end_stage(name)
         if name == "eval":
             tracking.log_results(ctx.accelerator, summary)

@@ -18,10 +18,9 @@ from ..context import Context, read_jsonl
 from ..models import load_tokenizer
 from ..pages import STYLE, heatmap_html, table
 from ..trainer import read_metrics
-from .pipeline import pipeline
+from .pipeline import pipeline, stages
 
 CURVES = ("loss", "accuracy", "margin")
-TRAINED = {"oracle": "oracle (DPO)", "guidance": "reward model (ranking)", "train": "policy"}  # stage -> label
 
 
 def plot_curves(ctx: Context, path) -> None:
@@ -33,9 +32,9 @@ def plot_curves(ctx: Context, path) -> None:
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), constrained_layout=True)
     method = methods.get(ctx.config.method)
-    for stage in (s for s in TRAINED if s in method.stages):
-        records = read_metrics(ctx.stage_dir(stage))
-        label = TRAINED[stage] + (f" ({method.title})" if stage == "train" else "")
+    for stage in (stages()[name] for name in pipeline(ctx.config.method) if stages()[name].trains):
+        records = read_metrics(ctx.stage_dir(stage.name))
+        label = stage.trains + (f" ({method.title})" if stage.name == "train" else "")
         for ax, key in zip(axes, CURVES):
             ax.plot([r["step"] for r in records], [r.get(key, float("nan")) for r in records], marker=".",
                     label=label)

@@ -26,7 +26,6 @@ from accelerate import Accelerator
 
 from .. import lora
 from ..body import layout_of
-from ..config import SCORE_RULES
 from ..context import Context, pair_row, write_jsonl
 from ..data import TokenizedPair, collate_pairs
 from ..data.packing import PADDED
@@ -34,6 +33,7 @@ from ..distributed import map_batches
 from ..examples import split_packed
 from ..kernels import linear_logprobs, token_scores, topk_mask
 from ..logprobs import response_states
+from ..methods.sepo import SCORE_RULES
 from ..models import resolve_model_path
 
 

@@ -1,4 +1,4 @@
-"""Vectorized PyTorch path, the default on CPU (the file name follows the op layout; nothing here needs chunks).
+"""The PyTorch path, the default on CPU: vectorized, with no loop over the segments.
 
 The forward scatter-adds every token into its segment (``index_add_`` with segment ids from
 ``repeat_interleave``), accumulating in float64. The alternative, a float64 ``cumsum`` followed by a

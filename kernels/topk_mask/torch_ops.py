@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .counts import valid_per_segment
+from ..utils import selected_bounds
 
 
 def topk_mask(scores, cu_seqlens, k, largest, valid):
@@ -30,7 +30,7 @@ def topk_mask(scores, cu_seqlens, k, largest, valid):
     bucket, regroup = torch.sort(bucket, stable=True)
     order = order[regroup]
 
-    n_valid = valid_per_segment(cu_seqlens, valid)
+    n_valid = selected_bounds(valid, cu_seqlens).diff()
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     k = torch.cat([k, zero])  # the invalid bucket selects nothing
     group_start = torch.cat([zero, n_valid.cumsum(0)])

@@ -1,4 +1,4 @@
-"""Chunked PyTorch path: O(chunk x V) extra memory, the default on CPU.
+"""The PyTorch path, the default on CPU: chunks of rows, O(chunk x V) extra memory.
 
 The forward walks over chunks of the kept rows, copies each chunk into one reused fp32 buffer (never an fp32
 copy of the whole half-precision tensor) and keeps only the row's log-sum-exp. The backward walks over the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import acc_dtype, shift_of
+from ..utils import acc_dtype, shift_of
 
 # Logits held at once in the math buffer (32 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 23
