@@ -31,7 +31,8 @@ SEPARATED = 3.0  # standard errors
 def run_rows(folder: Path) -> tuple[list[dict], int]:
     """One row per run of ``folder/runs`` whose eval finished, and the number of runs that have not."""
     rows, unfinished = [], 0
-    for run in sorted(p for p in (folder / "runs").iterdir() if p.is_dir()):
+    runs = folder / "runs"  # absent where the comparison stopped before its first run (seen on a GPU lease)
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else ():
         if not (run / "eval" / "DONE.json").is_file():
             unfinished += 1
             continue

@@ -20,8 +20,8 @@
 #      importable; then the dL/dhidden path the backward takes on this device (selpo.kernels.streaming.launch.
 #      widening_addmm: addmm with out_dtype=float32, or the fallback: a bf16 product, then an fp32 copy, per slice).
 #   1. the SePO loss case (selective_loss forward+backward, 30% selected, bf16, N=16384, D=4096, V=128256), 125 s;
-#   2. linear_logprobs forward+backward at that shape, 60 s;
-#   3. linear_logprobs forward, 35 s.
+#   2. linear_logprobs forward+backward at that shape, 100 s;
+#   3. linear_logprobs forward, 50 s.
 #      Steps 1-3 are `python -m benchmarks.run --device cuda --log OUT_DIR/bench.log [--append]`: each
 #      implementation checked against float64, then timed, one line printed per implementation as its test ends,
 #      selpo's timed again in alternation with the peers its targets name (benchmarks/cases.py, CUDA_PAIRED);
@@ -31,11 +31,12 @@
 #      backend, tens of thousands of small launches at these sizes. SELPO_GPU_IMPLS replaces that list.
 #   4. `python -m benchmarks.ledger --measure --device cuda`: the GPU's bandwidth and host costs, then at N=16384,
 #      2048 and 512 in turn each GEMM shape of the plan timed and each op beside the ledger's prediction at the
-#      costs measured, each line as it comes (ledger.md), 40 s: stopped there, the first N's lines are complete.
+#      costs measured, each line as it comes (ledger.md), 30 s: stopped there, the first N's lines are complete.
 #   5. the op tests on the GPU (SELPO_TEST_DEVICE=cuda, 12 xdist processes; outputs poisoned, Triton compiled) for
 #      the rest, at least 40 s; SIGINT at the limit, so that pytest still reports what ran (tests-cuda.log).
-# The budgets are predictions (no lease has run this script yet): the first compiles (selpo's passes, CCE, Liger,
-# TRL's fold) and pytest's start, about 60 s, fall in step 1. Everything written goes under OUT_DIR (6 files; a lease
+# The budgets follow the first lease (H200, 2026-12-04, GPU-NOTES.md): set-up 12 s, step 1 110 s (its first
+# compiles included), step 2 stopped at its then 60 s after selpo's and naive's tests, step 3 at its then 35 s after
+# three of its six, the ledger 17 s, the op tests 36 s; so steps 2 and 3 now get 100 s and 50 s (predictions). Everything written goes under OUT_DIR (6 files; a lease
 # brings back at most 8); the installed wheels go to $GPU_CHECK_WORK (default /tmp/selpo-gpu-check).
 #
 # The rehearsal (GPU_CHECK_REHEARSAL=1) runs the same commands, modules and flags on the CPU with every limit doubled
@@ -166,12 +167,12 @@ bench() {  # bench NAME BUDGET CASES [--append]
     note "$1" "$code"
 }
 bench "SePO loss" 125 "selective_loss-fwd+bwd-$shape"
-bench "log-probs forward+backward" 60 "linear_logprobs-fwd+bwd-$shape" --append
-bench "log-probs forward" 35 "linear_logprobs-fwd-$shape" --append
+bench "log-probs forward+backward" 100 "linear_logprobs-fwd+bwd-$shape" --append
+bench "log-probs forward" 50 "linear_logprobs-fwd-$shape" --append
 
 # 4. The ledger: ceilings, then each op timed beside its prediction, each line as it comes.
-if begin ledger "$(within 40)"; then
-    timeout -k 5 "$(within 40)" python3 -m benchmarks.ledger --measure --device "$device" "${ledger[@]}" 2>&1 |
+if begin ledger "$(within 30)"; then
+    timeout -k 5 "$(within 30)" python3 -m benchmarks.ledger --measure --device "$device" "${ledger[@]}" 2>&1 |
         tee "$out/ledger.md"
     note ledger "${PIPESTATUS[0]}"
 fi

@@ -6,8 +6,8 @@
 # package) is larger than one call may carry, so it travels in two halves:
 #   .gpu1/  selpo and the op checks' peers (Cut Cross-Entropy, Liger-Kernel, TRL's fused head: trl with datasets,
 #           dill and multiprocess, which importing it pulls in), vaderSentiment, the GGUF's first half
-#   .gpu2/  what the training path adds (datasets, dill, multiprocess, gguf, trl, peft for LoRA), the second half,
-#           its sha256
+#   .gpu2/  what the training path adds (datasets, dill, multiprocess, gguf, trl, peft for LoRA, vaderSentiment for
+#           the sentiment reward: call 2 installs only these), the second half, its sha256
 # Wheels are for Python 3.12 (the machine's), pinned to the versions installed here. gpu_check.sh installs each
 # .gpu1 wheel whose modules are not importable there itself; the test tools' wheels (pytest, hypothesis,
 # pytest-benchmark, xdist and their needs, 2.5 MB, pure Python) are not packed here: they are in the repository,
@@ -39,7 +39,7 @@ fetch() {  # fetch DIR DISTRIBUTION...: each at the version installed here, as a
 }
 python3 -m pip wheel -q --no-deps -w .gpu1 .
 fetch .gpu1 cut-cross-entropy liger-kernel vaderSentiment trl datasets dill multiprocess
-fetch .gpu2 datasets dill multiprocess gguf trl peft
+fetch .gpu2 datasets dill multiprocess gguf trl peft vaderSentiment
 gguf=$(python3 -c "from selpo.models import default_gguf_path; print(default_gguf_path())")
 half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
 head -c "$half" "$gguf" > .gpu1/smollm2.gguf.part1

@@ -56,9 +56,9 @@ TILE = (128, 256)
 # KERNEL_S: the least time a kernel holds the device back to back in a stream (round figure, ~2 us).
 # SYNC_S: a synchronisation's round trip once the device has drained: the host's wake-up and a small copy.
 LAUNCH_S, KERNEL_S, SYNC_S = 5e-6, 2e-6, 10e-6
-# GEMMs measured on an H100 80GB HBM3 (RESULTS-cuda.md, 2026-11-26: the floors' medians, bf16, cuBLAS through
-# torch 2.11): the GEMMs ((layout, m, n, k), ...) timed together, and their seconds. The forward layout alone
-# (741 TFLOP/s); the two gradient layouts only together, in the backward's floor (679 TFLOP/s; 666 from the
+# GEMMs measured on an H100 80GB HBM3 (h100-2026-11-26/RESULTS-cuda.md, 2026-11-26: the floors' medians, bf16,
+# cuBLAS through torch 2.11): the GEMMs ((layout, m, n, k), ...) timed together, and their seconds. The forward
+# layout alone (741 TFLOP/s); the two gradient layouts only together, in the backward's floor (679 TFLOP/s; 666 from the
 # forward+backward floor less the forward): each takes the pair's rate until ``--measure`` times them apart.
 H100_GEMMS = [((("NT", 16384, 128256, 4096),), 23.22e-3),
               ((("NN", 16384, 4096, 128256), ("TN", 128256, 4096, 16384)), 50.67e-3)]
@@ -405,8 +405,9 @@ def main(argv=None):
         return
     costed = [c for n in args.n for c in cost_ops(n, args.d, args.v, dtype, args.ratio)]
     print(f"Predicted GPU route at D={args.d}, V={args.v}, {args.dtype}, each op against its floor (its unavoidable "
-          "GEMMs alone). Costs charged (GEMM rates fitted to the H100's GEMMs in RESULTS-cuda.md, the H200's scaled "
-          "by its one measured GEMM; the tile and the launch, kernel and sync costs assumed: benchmarks/ledger.py):\n")
+          "GEMMs alone). Costs charged (GEMM rates fitted to the H100's GEMMs in h100-2026-11-26/RESULTS-cuda.md, "
+          "the H200's scaled by its one measured GEMM; the tile and the launch, kernel and sync costs assumed: "
+          "benchmarks/ledger.py):\n")
     for gpu_name, gpu in GPUS.items():
         print(f"- {gpu_name}: {describe(gpu)}")
     print("\n" + table(costed))

@@ -296,10 +296,16 @@ class Launches(TorchDispatchMode):
             return wrapper
 
         def tolist(original):
+            inside = []  # a torch-function mode (a default device) calls the patched method again from within
+
             def wrapper(t):
-                if t not in launches.host and launches.active():
+                if not inside and t not in launches.host and launches.active():
                     record_sync("tolist")
-                return original(t)
+                inside.append(t)
+                try:
+                    return original(t)
+                finally:
+                    inside.pop()
             return wrapper
 
         patch(torch.Tensor, "to", to)

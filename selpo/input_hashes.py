@@ -1,12 +1,12 @@
 """Content hashes of a run's inputs, so that a stage's fingerprint changes when a file it reads is edited in
 place, not only when an option names another file.
 
-The inputs are the options that name files (``PATH_KEYS``): the initial model (for ``default``, the packaged
-GGUF file it is converted from), the data files (``default``: the packaged ones), ``train.policy``, and
-``eval.reward`` (a reward model's folder, or the source file of a ``module:function``'s module, found on
-``sys.path`` without importing it). A dataset named from the local ``datasets`` cache is identified by its name
-only; a model named from the local hub cache by the snapshot its name points to. A folder's hash covers every
-file in it, by relative path and content.
+The inputs are the options that name files (``PATH_KEYS``): the initial model (for ``default``, the packaged GGUF
+file it is converted from, or its conversion where the package is gone), the data files (``default``: the packaged
+ones), ``train.policy``, and ``eval.reward`` (a reward model's folder, or the source file of a ``module:function``'s
+module, found on ``sys.path`` without importing it). A dataset named from the local ``datasets`` cache is identified
+by its name only; a model named from the local hub cache by the snapshot its name points to. A folder's hash covers
+every file in it, by relative path and content.
 
 Hashing reads every byte once; the result is kept per file by (size, modification time) in memory and in the
 run folder's ``.selpo/hashes.json`` (only when that folder exists: hashing never creates it), so a rerun
@@ -52,14 +52,18 @@ def input_path(config, key: str) -> Path | None:
     """The local file or folder option ``key`` makes the run read, or None (no file: vader, none, a cached
     dataset's name, an unset ``train.policy``)."""
     from .data import default_data_path
-    from .models import DEFAULT_MODEL, cached_model_folder, default_gguf_path
+    from .models import DEFAULT_DIRNAME, DEFAULT_MODEL, cache_dir, cached_model_folder, default_gguf_path
     from .rewards import CALLABLE
 
     value = _value(config, key)
     if value is None:
         return None
     if key == "model" and value == DEFAULT_MODEL:
-        return default_gguf_path()
+        try:
+            return default_gguf_path()
+        except FileNotFoundError:  # the package gone, its conversion kept (a GPU lease carries the folder alone)
+            folder = cache_dir() / DEFAULT_DIRNAME
+            return folder if (folder / "config.json").is_file() else None
     if key.startswith("data.") and value == "default":
         return Path(default_data_path(key.removeprefix("data.")))
     path = Path(value).expanduser()

@@ -42,3 +42,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module, *, keep_attention: boo
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s layers are checkpointed, under the installed transformers' name for it
+    (``is_activation_checkpointing``, where ``is_gradient_checkpointing`` is a deprecated alias; the latter alone
+    before, e.g. 5.17)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    return model.is_gradient_checkpointing if checkpointing is None else checkpointing

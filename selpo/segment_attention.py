@@ -61,6 +61,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .data.packing import Segments
 from .head import last_hidden_states
+from .recompute import is_checkpointing
 
 NAME = "selpo_segments"
 KERNELS = ("flash", "flex", "sdpa")
@@ -97,7 +98,7 @@ def segmented_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.
                             segments: Segments) -> torch.Tensor:
     """[1, L, D] the last hidden states of a packed or shared row (``selpo.data.PairBatch``): the body run with its
     attention following ``segments`` (``segment_attention``)."""
-    if torch.is_grad_enabled() and model.training and model.is_activation_checkpointing \
+    if torch.is_grad_enabled() and model.training and is_checkpointing(model) \
             and model.config._attn_implementation != NAME:
         raise ValueError(f"model: activation checkpointing replays its layers in the backward, after this forward; "
                          f"hold `with segment_attention(model):` around the forward and the backward of a "

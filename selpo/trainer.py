@@ -196,10 +196,25 @@ def save_model(accelerator: Accelerator, module: torch.nn.Module, tokenizer, out
         return
     state = accelerator.get_state_dict(module)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
-        _write_folder(out, lambda tmp: (lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v
-                                                                             for k, v in state.items()}),
-                                        tokenizer.save_pretrained(tmp)))
+        state = _without_tied_copy(lm, {k.removeprefix("lm."): v for k, v in state.items()})
+        _write_folder(out, lambda tmp: (lm.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
     accelerator.wait_for_everyone()
+
+
+def _without_tied_copy(lm, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less the output embedding where the model ties it to the input embedding.
+
+    ``save_pretrained`` leaves a tied output embedding out only when it shares storage with the input one; the
+    full state FSDP gathers holds two copies, so the folder would otherwise hold it twice (seen on an H200 with
+    transformers 5.17), unlike the same model saved without FSDP."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) or head is None or embedding is None:
+        return state
+    names = {module: name for name, module in lm.named_modules(remove_duplicate=False)}
+    if f"{names[embedding]}.weight" in state:
+        state.pop(f"{names[head]}.weight", None)
+    return state
 
 
 def _optimizer_step(accelerator: Accelerator, module, optimizer, scheduler, examples: list[Example],

@@ -309,17 +309,27 @@ def test_compare_report_gives_each_gain_its_paired_standard_error(benchmarks_pkg
     from benchmarks import compare_report
 
     runs = tmp_path / "compare" / "runs"
-    _write_run(runs, "dpo-train.beta=0.1", [(0.5, 0.1), (0.6, 0.1), (0.7, 0.1), (0.4, 0.1)])  # gain 0.45
-    _write_run(runs, "simpo-train.beta=2", [(0.2, 0.1), (0.0, 0.1), (0.2, 0.1), (0.0, 0.1)])  # gain 0.0
-    (runs / "sepo-train.gamma=1" / "eval").mkdir(parents=True)  # eval not finished: left out
+    _write_run(runs, "dpo-dpo.beta=0.1", [(0.5, 0.1), (0.6, 0.1), (0.7, 0.1), (0.4, 0.1)])  # gain 0.45
+    _write_run(runs, "simpo-simpo.beta=2", [(0.2, 0.1), (0.0, 0.1), (0.2, 0.1), (0.0, 0.1)])  # gain 0.0
+    (runs / "sepo-sepo.gamma=1" / "eval").mkdir(parents=True)  # eval not finished: left out
     rows, unfinished = compare_report.run_rows(tmp_path / "compare")
-    assert unfinished == 1 and [r["run"] for r in rows] == ["dpo-train.beta=0.1", "simpo-train.beta=2"]
+    assert unfinished == 1 and [r["run"] for r in rows] == ["dpo-dpo.beta=0.1", "simpo-simpo.beta=2"]
     dpo, simpo = rows
     assert dpo["gain"] == pytest.approx(0.45) and dpo["se"] == pytest.approx(0.12909944 / 2)  # sd(diffs) / sqrt(4)
     assert dpo["z"] > 3 and simpo["gain"] == pytest.approx(0.0) and simpo["z"] == pytest.approx(0.0)
     text = compare_report.report(tmp_path / "compare", tmp_path / "C.md", tmp_path / "f.png", "selpo compare")
-    assert "Separated from the initial model: dpo-train.beta=0.1." in text and "1 not finished" in text
+    assert "Separated from the initial model: dpo-dpo.beta=0.1." in text and "1 not finished" in text
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_report_names_a_comparison_that_made_no_run(benchmarks_pkg, tmp_path):
+    """A comparison stopped before its first run has no runs folder (seen on a GPU lease): a clear stop."""
+    from benchmarks import compare_report
+
+    (tmp_path / "compare").mkdir()
+    assert compare_report.run_rows(tmp_path / "compare") == ([], 0)
+    with pytest.raises(SystemExit, match="no run under .* has finished its eval"):
+        compare_report.report(tmp_path / "compare", tmp_path / "C.md", tmp_path / "f.png", "selpo compare")
 
 
 @pytest.mark.parametrize(("family", "mode", "impl"), [

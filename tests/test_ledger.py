@@ -144,7 +144,8 @@ def test_wave_quantization_rounds_up():
 
 def test_rates_per_layout():
     """The hot path's GEMMs read their operands in three layouts, each charged its own rate; the H100's rates
-    give back the GEMMs measured on it (RESULTS-cuda.md), the gradient layouts slower than the forward's."""
+    give back the GEMMs measured on it (benchmarks/h100-2026-11-26/RESULTS-cuda.md), the gradient layouts slower
+    than the forward's."""
     for dry_run in (True, False):
         h, w, z = (torch.zeros(shape) for shape in ((6, 4), (10, 4), (6, 10)))
         with ledger.counting(dry_run=dry_run) as book:

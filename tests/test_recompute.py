@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from selpo.models import load_causal_lm
-from selpo.recompute import ATTENTION_OPS, _keep_attention, enable_gradient_checkpointing
+from selpo.recompute import ATTENTION_OPS, _keep_attention, enable_gradient_checkpointing, is_checkpointing
 from selpo.testing import tiny_model_dir
 
 
@@ -99,3 +99,19 @@ def test_the_policy_keeps_every_attention_kernel_and_recomputes_the_rest(name):
     assert _keep_attention(None, _NamedOp(name)) == CheckpointPolicy.MUST_SAVE
     for other in ("aten::mm", "aten::_scaled_dot_product_flash_attention_backward", "flash_attn::_flash_attn_backward"):
         assert _keep_attention(None, _NamedOp(other)) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("newer", [True, False], ids=["is_activation_checkpointing", "transformers-5.17"])
+def test_is_checkpointing_reads_the_installed_transformers_name(model_dir, newer, monkeypatch):
+    """transformers 5.17 (a GPU image's) has ``is_gradient_checkpointing`` alone; later ones add
+    ``is_activation_checkpointing`` and deprecate the other: either way the answer follows the model."""
+    model, _ = load_causal_lm(model_dir)
+    if not newer:
+        for cls in type(model).__mro__:  # the property under its old name alone, as 5.17 has it
+            if "is_activation_checkpointing" in vars(cls):
+                monkeypatch.setattr(cls, "is_gradient_checkpointing", vars(cls)["is_activation_checkpointing"])
+                monkeypatch.delattr(cls, "is_activation_checkpointing")
+        assert not hasattr(model, "is_activation_checkpointing")
+    assert is_checkpointing(model) is False
+    enable_gradient_checkpointing(model)
+    assert is_checkpointing(model) is True

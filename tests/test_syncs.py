@@ -30,12 +30,20 @@ class CountSyncs(TorchDispatchMode):
 
     def __init__(self, monkeypatch):
         super().__init__()
-        self.calls = []
+        self.calls, self.inside_tolist = [], False
         tolist = torch.Tensor.tolist
 
         def counted(tensor):
+            # A torch-function mode (a default device set, as SELPO_TEST_DEVICE=cuda does) calls the patched
+            # method again from inside the original: one call, counted once.
+            if self.inside_tolist:
+                return tolist(tensor)
             self.calls.append("tolist")
-            return tolist(tensor)
+            self.inside_tolist = True
+            try:
+                return tolist(tensor)
+            finally:
+                self.inside_tolist = False
 
         monkeypatch.setattr(torch.Tensor, "tolist", counted)
 
@@ -106,6 +114,14 @@ def test_linear_selective_loss(backend, loss, pairs, monkeypatch):
     assert syncs(monkeypatch, call) == ["_local_scalar_dense", "tolist", *counting, "nonzero", "tolist", "lift_fresh"]
     assert len([e for e in out["book"].gemms() if e.name == "logits"]) >= pairs // 2  # several chunks
     assert syncs(monkeypatch, lambda: out["loss"].backward()) == []
+
+
+def test_a_tolist_counts_once_under_a_default_device(monkeypatch):
+    """A default device is a torch-function mode, which calls the patched ``tolist`` again from inside the
+    original (seen on a GPU, where the tests set one): the counter must not count that call twice."""
+    cu = cu_seqlens([3, 4])
+    with torch.device(cu.device):
+        assert syncs(monkeypatch, lambda: cu.tolist()) == ["tolist"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -396,3 +396,23 @@ def test_prepare_order_follows_the_sharding(kind, fsdp2, calls):
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in module.parameters()}
     assert [g["weight_decay"] for g in optimizer.param_groups] == [STEPS.weight_decay, 0.0]
+
+
+def test_a_saved_model_holds_a_tied_head_once_when_the_state_is_gathered(tiny, accelerator, tmp_path, monkeypatch):
+    """FSDP's gathered state holds the tied output embedding as a copy, which ``save_pretrained`` would write as
+    a tensor of its own (seen on an H200): the folder must hold what the same model saved without FSDP holds."""
+    from safetensors.torch import load_file
+
+    from selpo.trainer import save_model
+
+    lm, tokenizer = load_causal_lm(tiny[0])
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    module = torch.nn.Module()
+    module.lm = lm
+    monkeypatch.setattr(accelerator, "get_state_dict",
+                        lambda m: {k: v.clone() for k, v in m.state_dict(keep_vars=False).items()})
+    save_model(accelerator, module, tokenizer, tmp_path / "model")
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    original = load_file(Path(tiny[0]) / "model.safetensors")
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in original)
