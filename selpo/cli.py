@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--test-pairs", type=int, default=80, help="with --generate: held-out pairs (default 80)")
     run = commands.add_parser("run", help="run every stage not yet done, in order, and print the results",
                               description="Runs the stages of the configured method in order (its own list, "
-                              "Method.stages in selpo.methods: see the README's method table), skipping stages "
+                              "Method.stages in selpo.methods: see docs/methods.md), skipping stages "
                               "already done in the run folder with the same configuration (a stage whose keys "
                               "changed, or that follows a redone one, runs again). A killed training stage resumes "
                               "from its last checkpoint. Ends with a results table and the report's path.",

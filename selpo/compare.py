@@ -32,7 +32,7 @@ from .stages import pipeline, run_all
 from .stages.pipeline import fingerprint
 
 # The comparison's default size on top of the run defaults: a smaller task than `selpo run`'s, so that
-# ten runs finish in well under an hour on 2 CPU cores (measured: see README).
+# ten runs finish in well under an hour on 2 CPU cores (measured: see docs/methods.md).
 DEFAULTS = ("data.max_train_pairs=128", "eval.prompts=24", "eval.token_pairs=16", "guidance.every=8")
 
 

@@ -5,7 +5,7 @@ imported. Tests pass ``backend=`` explicitly; tests/test_compile.py checks real 
 subprocess without the interpreter.
 
 ``SELPO_TEST_DEVICE=cuda pytest tests/test_<op>.py`` runs the same tests on a GPU instead: tensors are
-made there by default and Triton compiles the kernels rather than interpreting them (README, "Tests").
+made there by default and Triton compiles the kernels rather than interpreting them (docs/testing.md).
 """
 
 import os

@@ -97,12 +97,16 @@ def test_a_config_as_object_dict_or_toml_file_gives_the_same(tiny, tmp_path):
     assert (resolved[0].sepo.gamma, resolved[0].sepo.margin) == (2.0, 0.5)
 
 
-def test_the_readmes_python_block_runs_on_the_tiny_model(tiny, tmp_path, monkeypatch):
-    """README's ``selpo.run`` example as it is written, starting from the tiny model and data instead of the
-    defaults: a LoRA DPO run logged to TensorBoard, printing the policy's and the initial model's reward."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```py\n(.*?)```", readme, flags=re.S)
-    assert len(blocks) == 1 and "selpo.run(" in blocks[0]
+def test_the_docs_python_block_runs_on_the_tiny_model(tiny, tmp_path, monkeypatch):
+    """The ``selpo.run`` example of docs/models.md ("From Python") as it is written, starting from the tiny model
+    and data instead of the defaults: a LoRA DPO run logged to TensorBoard, printing the policy's and the initial
+    model's reward. It is the one ```py block of README.md and the docs/ pages."""
+    root = Path(__file__).parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    blocks = {page.name: re.findall(r"```py\n(.*?)```", page.read_text(), flags=re.S) for page in pages}
+    assert {name: len(found) for name, found in blocks.items() if found} == {"models.md": 1}
+    blocks = blocks["models.md"]
+    assert "selpo.run(" in blocks[0]
     _, config = tiny
     real_run = selpo.run
     monkeypatch.setattr(selpo, "run", lambda *args, **options: real_run(config, **options))

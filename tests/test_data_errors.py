@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 from jinja2.exceptions import TemplateSyntaxError  # noqa: E402
 from test_formats import assistant, user  # noqa: E402
 
+import selpo.data.pairs as pairs_module  # noqa: E402
 from selpo.data import load_preference_dataset, tokenize_pairs  # noqa: E402
-from selpo.data.pairs import REASONS  # noqa: E402
 from selpo.testing import tiny_tokenizer  # noqa: E402
 
 GOOD = {"prompt": "Review a zoo.", "chosen": "A great zoo.", "rejected": "Dirty cages."}
@@ -118,7 +118,7 @@ def conversation(chosen):
 
 
 def test_a_response_that_is_no_assistant_turn_is_a_bad_row(tmp_path, tok):
-    assert "bad_role" in REASONS
+    assert "- ``bad_role``:" in pairs_module.__doc__  # a documented reason
     path = tmp_path / "r.jsonl"
     path.write_text(line(conversation([assistant("Great.")])) + line(conversation([user("Great.")]))
                     + line(conversation([user("Well?"), assistant("Great.")])) + line(conversation([assistant("Ok.")])))

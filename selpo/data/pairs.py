@@ -48,7 +48,6 @@ from .formats import NoSharedPrompt, split_implicit
 from .load import row_names
 
 COLUMNS = ("prompt", "chosen", "rejected")
-REASONS = ("missing", "no_shared_prompt", "bad_type", "bad_role", "empty_response", "empty_prompt", "too_long")
 # How many dropped rows the report lists by number, per reason.
 LISTED_ROWS = 5
 
@@ -89,8 +88,8 @@ class DataReport:
     kept: int = 0
     # Kept rows whose prompt or a response was shortened.
     truncated: int = 0
-    # Skipped rows per reason (see REASONS), and the first LISTED_ROWS of them per reason, named as the file
-    # names them (e.g. "line 4", see the module docstring).
+    # Skipped rows per reason (the reasons the module docstring lists), and the first LISTED_ROWS of them per
+    # reason, named as the file names them (e.g. "line 4", see the module docstring).
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_rows: dict[str, list[str]] = field(default_factory=dict)
 
@@ -113,7 +112,7 @@ class DataReport:
 
 
 class BadRow(ValueError):
-    """A row that cannot be used, with its reason (one of REASONS)."""
+    """A row that cannot be used, with its reason (one of those the module docstring lists)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
