@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -62,13 +62,15 @@ LAUNCH_S, KERNEL_S, SYNC_S = 5e-6, 2e-6, 10e-6
 # forward+backward floor less the forward): each takes the pair's rate until ``--measure`` times them apart.
 H100_GEMMS = [((("NT", 16384, 128256, 4096),), 23.22e-3),
               ((("NN", 16384, 4096, 128256), ("TN", 128256, 4096, 16384)), 50.67e-3)]
-# The H200 has the H100's multiprocessors and clocks; no layout was timed on it, but a bf16 GEMM (8192^3,
-# random data, the mean of ten) ran at 788 TFLOP/s on an H200 lent here (2026-10-28), where the H100's forward
-# layout ran at 741: every layout is taken at the H100's rate times that ratio (scaled, not measured).
-H200_OVER_H100 = 788 / 741
+# GEMMs measured on an H200 lent here (LEDGER-cuda.md, 2026-12-04: `--measure`, each layout timed apart at
+# N=16384, bf16, cuBLAS through torch 2.11), with its copies (4.14 TB/s), a small kernel's issue on the host
+# (12.7 us, Python dispatch included) and a sync (10.0 us, as assumed for the H100) measured in the same call.
+H200_GEMMS = [((("NT", 16384, 128256, 4096),), 25.307e-3), ((("NN", 16384, 4096, 128256),), 25.335e-3),
+              ((("TN", 128256, 4096, 16384),), 25.524e-3)]
+H200_LAUNCH_S = 12.7e-6
 # Memory bandwidth, bytes read and written per second by a device-to-device copy: the H100's as GPU-NOTES.md
-# gives it (2026-11-30), the H200's measured on one lent here (2026-10-28).
-BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
+# gives it (2026-11-30), the H200's measured on one lent here (2026-12-04).
+BANDWIDTH = {"H100": 3.0e12, "H200": 4.14e12}
 
 
 def calibrated(timings, sms: int = SMS, tile: tuple[int, int] = TILE) -> dict[str, float]:
@@ -83,8 +85,8 @@ def calibrated(timings, sms: int = SMS, tile: tuple[int, int] = TILE) -> dict[st
 
 
 H100 = ledger.GPU(calibrated(H100_GEMMS), BANDWIDTH["H100"], SMS, TILE, LAUNCH_S, KERNEL_S, SYNC_S)
-GPUS = {"H100": H100, "H200": replace(H100, rates={k: r * H200_OVER_H100 for k, r in H100.rates.items()},
-                                       bandwidth=BANDWIDTH["H200"])}
+GPUS = {"H100": H100, "H200": ledger.GPU(calibrated(H200_GEMMS), BANDWIDTH["H200"], SMS, TILE, H200_LAUNCH_S, KERNEL_S,
+                                        SYNC_S)}
 
 
 @dataclass
@@ -405,9 +407,9 @@ def main(argv=None):
         return
     costed = [c for n in args.n for c in cost_ops(n, args.d, args.v, dtype, args.ratio)]
     print(f"Predicted GPU route at D={args.d}, V={args.v}, {args.dtype}, each op against its floor (its unavoidable "
-          "GEMMs alone). Costs charged (GEMM rates fitted to the H100's GEMMs in h100-2026-11-26/RESULTS-cuda.md, "
-          "the H200's scaled by its one measured GEMM; the tile and the launch, kernel and sync costs assumed: "
-          "benchmarks/ledger.py):\n")
+          "GEMMs alone). Costs charged (the H100's GEMM rates fitted to its GEMMs in h100-2026-11-26/RESULTS-cuda.md, "
+          "its launch, kernel and sync costs assumed; the H200's GEMMs, copies and launches measured on one, "
+          "LEDGER-cuda.md; the tile assumed: benchmarks/ledger.py):\n")
     for gpu_name, gpu in GPUS.items():
         print(f"- {gpu_name}: {describe(gpu)}")
     print("\n" + table(costed))
