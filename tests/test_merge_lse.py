@@ -37,7 +37,7 @@ def fold(backend, x, bias, options, splits=None):
     if splits is None:
         Passes(backend, options["temperature"], options["softcap"]).merge_lse_(x, bias, m, s)
     else:
-        passes_triton.merge_lse_(x, bias, m, s, options["temperature"], options["softcap"], splits=splits)
+        passes_triton.merge_lse_split_(x, bias, m, s, options["temperature"], options["softcap"], splits=splits)
     return finish_lse(m, s).double(), want
 
 
@@ -85,7 +85,7 @@ def test_nonfinite_rows(backend, splits):
     m = torch.full((4,), float("-inf"))
     s = torch.zeros(4)
     if splits:
-        passes_triton.merge_lse_(x, None, m, s, 1.0, None, splits=splits)
+        passes_triton.merge_lse_split_(x, None, m, s, 1.0, None, splits=splits)
     else:
         Passes(backend, 1.0, None).merge_lse_(x, None, m, s)
     lse = finish_lse(m, s)

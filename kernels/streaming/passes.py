@@ -23,7 +23,7 @@ class Passes:
             from . import passes_triton as impl
         else:
             impl = passes_torch
-        self.backend, self.impl, self.temperature, self.softcap = backend, impl, float(temperature), softcap
+        self.impl, self.temperature, self.softcap = impl, float(temperature), softcap
 
     def target_logits(self, h, rows, w, bias, targets) -> torch.Tensor:
         """[n] z of rows ``rows`` of h at their targets (float32; float64 for float64 inputs)."""
@@ -56,16 +56,18 @@ class Passes:
         x <- dL/dx in place. Returns lse. ``combine(m, s, x_t) -> (lse, x_t)`` makes them the whole
         vocabulary's from a shard's (``shard.VocabShard.combine``).
 
-        The same two passes as ``merge_lse_`` and ``grad_logits_``; PyTorch ops fuse them into four (exp(z - max)
-        stays in x in between) when the math needs no softcap, no widening and no combining."""
+        The same two passes as ``merge_lse_`` and ``grad_logits_``; a backend with a fused form (PyTorch ops: four,
+        exp(z - max) staying in x in between) runs it when the math needs no softcap, no widening and no
+        combining."""
         r, acc = x.shape[0], acc_dtype(x.dtype)
-        fast = (ledger.executing() and self.backend == "torch" and self.softcap is None and x.dtype == acc
+        fused = self.impl.logprobs_and_grad_
+        fast = (ledger.executing() and fused is not None and self.softcap is None and x.dtype == acc
                 and combine is None)
         m = torch.full((r,), float("-inf"), dtype=acc, device=x.device)
         s = torch.zeros_like(m)
         self.record_merge_lse(x, m, s)
         if fast:
-            lse, g = passes_torch.logprobs_and_grad_(x, bias, targets, x_t, loss_grad, self.temperature)
+            lse, g = fused(x, bias, targets, x_t, loss_grad, self.temperature)
         else:
             if ledger.executing():
                 self.impl.merge_lse_(x, bias, m, s, self.temperature, self.softcap)

@@ -202,9 +202,18 @@ def target_logits(h, rows, w, bias, targets, temperature, softcap) -> torch.Tens
     return out
 
 
-def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True, splits: int | None = None) -> None:
-    """x is only read, whatever ``keep``. ``splits``: see ``vocab_split``. Split, each program writes its row
-    part's (max, sum) and a second small launch folds them into m and s."""
+def merge_lse_(x, bias, m, s, temperature, softcap, keep: bool = True) -> None:
+    """x is only read, whatever ``keep``."""
+    merge_lse_split_(x, bias, m, s, temperature, softcap)
+
+
+# No fused form: the Triton passes are merge_lse_, then grad_logits_ (``Passes.logprobs_and_grad_``).
+logprobs_and_grad_ = None
+
+
+def merge_lse_split_(x, bias, m, s, temperature, softcap, splits: int | None = None) -> None:
+    """merge_lse_ with ``splits`` programs per row (see ``vocab_split``; None: its choice). Split, each program
+    writes its row part's (max, sum) and a second small launch folds them into m and s."""
     r, w = x.shape
     if not r:
         return
