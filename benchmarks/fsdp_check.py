@@ -42,9 +42,9 @@ def _setup() -> None:
 
 def train_tiny(accelerator, folder: Path, out: Path, on_step=None) -> None:
     """DPO on 16 random pairs, global batch 8 (micro-batches of 2), checkpoints every 2 steps; model in out/model."""
+    from selpo.batches import Example
     from selpo.config import LoopConfig
     from selpo.data import TokenizedPair
-    from selpo.examples import Example
     from selpo.methods import DPO, with_reference_logps
     from selpo.models import load_causal_lm
     from selpo.trainer import train

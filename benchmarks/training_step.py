@@ -64,6 +64,7 @@ from datetime import datetime, timezone
 import torch
 
 from selpo import segment_attention, trainer
+from selpo.batches import Example, split_packed
 from selpo.config import LoopConfig, RunConfig
 from selpo.data import (
     LAYOUTS,
@@ -76,7 +77,6 @@ from selpo.data import (
     tokenize_pairs,
 )
 from selpo.data.packing import PACKED, PADDED, SHARED
-from selpo.examples import Example, split_packed
 from selpo.kernels import linear_logprobs, linear_selective_loss, sepo_loss, topk_mask
 from selpo.lean_body import lean_body
 from selpo.logprobs import response_states

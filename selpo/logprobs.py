@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from .batches import split_packed
 from .body import body_states, layout_of
 from .data import PairBatch, TokenizedPair, collate_pairs
 from .distributed import map_batches
-from .examples import split_packed
 from .head import LogitHead, read_head
 from .kernels import linear_logprobs
 

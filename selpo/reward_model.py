@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from .batches import Example, collate, split_packed
 from .body import body_states, layout_of
 from .data import PairBatch, TokenizedPair, TokenizedRanking
 from .distributed import map_batches
-from .examples import Example, collate, split_packed
 from .models import LOAD_OPTIONS, attention_implementation, load_tokenizer, resolve_model_path
 
 HEADS = ("linear", "mlp")

@@ -30,10 +30,10 @@ from torch import nn
 
 from . import checkpoint, lora, progress, tracking
 from .atomic import write_text_atomic
+from .batches import Batch, Example, collate
 from .body import layout_of
 from .data import BatchSchedule
 from .data.packing import PADDED
-from .examples import Batch, Example, collate
 from .lean_body import lean_body
 from .recompute import enable_gradient_checkpointing
 from .segment_attention import segment_attention

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from selpo.batches import Example, collate, split_packed
 from selpo.config import RunConfig
 from selpo.data import TokenizedPair, collate_pairs
-from selpo.examples import Example, collate, split_packed
 from selpo.kernels import dpo_loss, sepo_loss, simpo_loss, topk_mask, weighted_nll
 from selpo.logprobs import pair_logps
 from selpo.methods import DPO, RewardWeightedLikelihood, SelectiveDPO, SePO, SimPO, selection_scores

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from selpo.batches import Example, collate
 from selpo.body import layout_of
 from selpo.context import Context
 from selpo.data import TokenizedPair, TokenizedRanking
-from selpo.examples import Example, collate
 from selpo.reward_model import load_reward_model, token_rewards
 from selpo.testing import tiny_model_dir
 from selpo.trainer import make_accelerator

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from selpo import checkpoint, lora
+from selpo.batches import Example, collate
 from selpo.config import LoopConfig, RunConfig, apply_overrides
 from selpo.context import row_pair
 from selpo.data import load_preference_dataset, tokenize_pairs
-from selpo.examples import Example, collate
 from selpo.kernels import linear_logprobs, linear_selective_loss
 from selpo.lean_body import lean_body, swiglu_mlp
 from selpo.logprobs import pair_logps

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selpo.batches import Example, collate
 from selpo.data import TokenizedPair, TokenizedRanking, load_preference_dataset, tokenize_pairs
-from selpo.examples import Example, collate
 from selpo.methods import (
     RewardWeightedLikelihood,
     SelectiveDPO,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from selpo import config as config_module
+from selpo.batches import Example
 from selpo.compare import load_config, parse_grid
 from selpo.context import DONE, Context
-from selpo.examples import Example
 from selpo.methods.guidance import Alternation
 from selpo.stages.pipeline import fingerprint, pipeline
 from selpo.testing import tiny_model_dir

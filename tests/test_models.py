@@ -254,7 +254,7 @@ def test_a_conversion_finished_by_another_process_is_kept(tiny, tmp_path, monkey
 
 def test_smollm2_smoke():
     """The real default model, small sizes: converted (or reused from the cache), loaded, consistent."""
-    from selpo.sentiment import sample_responses
+    from selpo.sampling import sample_responses
 
     model, tokenizer = load_causal_lm("default")
     config = model.config

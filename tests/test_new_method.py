@@ -14,9 +14,9 @@ import pytest
 
 from selpo import cli, methods
 from selpo import config as config_module
+from selpo.batches import Example
 from selpo.compare import parse_grid
 from selpo.data import TokenizedRanking
-from selpo.examples import Example
 from selpo.kernels import linear_logprobs, weighted_nll
 from selpo.logprobs import response_states
 from selpo.options import option, require

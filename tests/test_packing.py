@@ -13,8 +13,8 @@ from test_head_conformance import ARCHITECTURES, VOCAB, Arch, build, gradients, 
 from transformers import AttentionInterface, AutoConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from selpo.batches import Example, collate
 from selpo.data import TokenizedPair, TokenizedRanking, attention_entries, body_tokens, collate_pairs, collate_ranked
-from selpo.examples import Example, collate
 from selpo.kernels import linear_logprobs
 from selpo.logprobs import response_states
 from selpo.packing_check import packing_check

@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from selpo import config as config_module  # noqa: E402
+from selpo.batches import Example, collate  # noqa: E402
 from selpo.data import TokenizedPair  # noqa: E402
-from selpo.examples import Example, collate  # noqa: E402
 from selpo.methods import quantile_mask, selective_mask  # noqa: E402
 from selpo.reward_model import double_softplus, load_reward_model, mlp_head, token_rewards  # noqa: E402
 from selpo.stages.score import released_candidates, select, with_eos  # noqa: E402

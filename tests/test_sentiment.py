@@ -9,12 +9,12 @@ import pytest  # noqa: E402
 
 from selpo.data import default_data_path, load_preference_dataset, tokenize_pairs  # noqa: E402
 from selpo.models import load_causal_lm  # noqa: E402
+from selpo.sampling import sample_responses  # noqa: E402
 from selpo.sentiment import generate as generate_module  # noqa: E402
 from selpo.sentiment import (  # noqa: E402
     generate_default_dataset,
     key_token_mask,
     review_prompts,
-    sample_responses,
     sentiment_word_mask,
     sentiment_word_spans,
     vader_reward,

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from selpo import checkpoint
+from selpo.batches import Example, collate
 from selpo.config import LoopConfig, RunConfig
 from selpo.data import load_preference_dataset, tokenize_pairs
-from selpo.examples import Example, collate
 from selpo.kernels import linear_logprobs, weighted_nll
 from selpo.logprobs import response_states
 from selpo.methods import DPO, SePO, with_reference_logps

@@ -118,8 +118,8 @@ def check_tensor_parallel_sepo_step(rank, world):
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from selpo.batches import Example, collate
     from selpo.data import TokenizedPair
-    from selpo.examples import Example, collate
     from selpo.methods import SePO
 
     config = LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -1,8 +1,8 @@
 """The work the 2-process test runs both in 2 processes and in 1: DPO training, then sharded scoring."""
 
+from selpo.batches import Example
 from selpo.config import LoopConfig
 from selpo.data import load_preference_dataset, tokenize_pairs
-from selpo.examples import Example
 from selpo.methods import DPO, with_reference_logps
 from selpo.models import load_causal_lm
 from selpo.stages.score import score_pairs

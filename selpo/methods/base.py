@@ -20,10 +20,10 @@ from ..context import pair_row
 from ..stage import Stage
 
 if TYPE_CHECKING:
+    from ..batches import Example
     from ..config import RunConfig
     from ..context import Context
     from ..data import TokenizedPair
-    from ..examples import Example
     from ..trainer import Objective
 
 LOG_RATIO_LEGEND = ("the trained policy's log-ratio log p<sub>policy</sub> - log p<sub>initial</sub>; every token "

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from accelerate import Accelerator
 
+from ..batches import Example
 from ..context import Context
-from ..examples import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import pair_logps, response_states
 from ..options import option, require

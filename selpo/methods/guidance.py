@@ -26,16 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batches import Example
 from ..context import Context, mark_done, read_done
 from ..data import TokenizedPair, TokenizedRanking, encode_prompt
 from ..distributed import map_batches
-from ..examples import Example
 from ..kernels import linear_selective_loss, mean_lengths, plackett_luce_loss, sequence_scores
 from ..logprobs import response_states
 from ..options import LoopConfig, option, require
 from ..reward_model import pair_rewards, token_rewards
 from ..rewards import load_reward
-from ..sentiment import sample_responses
+from ..sampling import sample_responses
 from ..stage import Stage
 from ..trainer import train
 from .base import Method, Prepared, view_row

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batches import Example
 from ..context import row_pair
-from ..examples import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import response_states
 from ..options import option, require

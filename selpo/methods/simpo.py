@@ -6,7 +6,7 @@ import math
 import typing
 from dataclasses import dataclass
 
-from ..examples import Example
+from ..batches import Example
 from ..kernels import linear_selective_loss
 from ..logprobs import response_states
 from ..options import option, require

@@ -36,7 +36,8 @@ from ..logprobs import pair_logps
 from ..methods import TokenLogps
 from ..models import resolve_model_path
 from ..rewards import VADER, describe, load_reward
-from ..sentiment import key_token_mask, sample_responses
+from ..sampling import sample_responses
+from ..sentiment import key_token_mask
 from ..trainer import read_metrics
 from .pipeline import pipeline
 

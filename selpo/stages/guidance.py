@@ -4,9 +4,9 @@ training belongs to the method (``selpo.methods.guidance.Alternation``)."""
 
 from __future__ import annotations
 
+from ..batches import Example
 from ..context import Context
 from ..data import seeded_subset
-from ..examples import Example
 from ..methods.guidance import ranking_objective
 from ..trainer import read_metrics, train
 from .pipeline import fingerprint

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 from ..atomic import write_text_atomic
+from ..batches import Example
 from ..context import Context
 from ..data import seeded_subset
-from ..examples import Example
 from ..methods import DPO, with_reference_logps
 from ..trainer import read_metrics, train
 from .pipeline import fingerprint

@@ -25,12 +25,12 @@ import torch
 from accelerate import Accelerator
 
 from .. import lora
+from ..batches import split_packed
 from ..body import layout_of
 from ..context import Context, pair_row, write_jsonl
 from ..data import TokenizedPair, collate_pairs
 from ..data.packing import PADDED
 from ..distributed import map_batches
-from ..examples import split_packed
 from ..kernels import linear_logprobs, token_scores, topk_mask
 from ..logprobs import response_states
 from ..methods.sepo import SCORE_RULES
