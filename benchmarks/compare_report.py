@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from selpo.compare import plot_frontier
 from selpo.config import tomllib
 from selpo.context import read_jsonl
 
@@ -52,30 +53,6 @@ def run_rows(folder: Path) -> tuple[list[dict], int]:
     return rows, unfinished
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
-    ax.scatter([0.0], [rows[0]["initial_reward"]], color="black", marker="*", s=90, label="initial model", zorder=3)
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
-        bars = ax.errorbar([r["kl"] for r in points], [r["reward"] for r in points], yerr=[r["se"] for r in points],
-                           marker="o", capsize=3, label=method)
-        for r in points:
-            ax.annotate(f"{r['strength']:g}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7, color=bars.lines[0].get_color())
-    ax.set_xlabel("KL(policy || initial), nats per sample")
-    ax.set_ylabel("reward of samples (bars: standard error of the gain)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def settings(folder: Path, rows: list[dict]) -> str:
     """The comparison's shared budget, read from one run's config.toml."""
     config = tomllib.loads((folder / "runs" / rows[0]["run"] / "config.toml").read_text())
@@ -94,7 +71,8 @@ def report(folder: Path, out: Path, plot_path: Path, command: str) -> str:
     if (folder / "results.json").is_file():  # written by selpo compare once every run is done
         timing = {Path(r["run_dir"]).name: r for r in json.loads((folder / "results.json").read_text())}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    plot(rows, plot_path, f"reward vs KL ({device})")
+    plot_frontier(rows, plot_path, title=f"reward vs KL ({device})",
+                  ylabel="reward of samples (bars: standard error of the gain)")
     lines = [f"# `selpo compare` at a budget that can separate the methods ({device})", "",
              f"- command: `{command}`", f"- settings: {settings(folder, rows)}",
              f"- torch {torch.__version__}; date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",

@@ -113,26 +113,32 @@ def summarize(method: str, value: float, config: RunConfig, records: dict) -> di
             "peak_memory_mib": records["train"]["summary"].get("peak_memory_mib")}
 
 
-def plot_frontier(rows: list[dict], path: Path) -> None:
+def plot_frontier(rows: list[dict], path: Path, *, title: str = "reward vs KL (labels: strength)",
+                  ylabel: str | None = None) -> None:
+    """Reward against KL(policy || initial), a line per method through its strengths (each point labelled), the
+    initial model at KL 0; error bars where every row of a method carries ``se`` (its gain's standard error)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
-    initial = rows[0]["initial_reward"]
-    ax.scatter([0.0], [initial], color="black", marker="*", s=90, label="initial model", zorder=3)
+    ax.scatter([0.0], [rows[0]["initial_reward"]], color="black", marker="*", s=90, label="initial model", zorder=3)
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["kl"], r["reward"], r["strength"]) for r in rows if r["method"] == method)
-        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                       label=method_registry.get(method).title)[0]
-        for kl, reward, strength in points:
-            ax.annotate(f"{strength:g}", (kl, reward), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=line.get_color())
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
+        errors = [r["se"] for r in points] if all("se" in r for r in points) else None
+        label = method_registry.get(method).title if method in method_registry.names() else method
+        bars = ax.errorbar([r["kl"] for r in points], [r["reward"] for r in points], yerr=errors, marker="o",
+                           capsize=3 if errors else 0, label=label)
+        for r in points:
+            ax.annotate(f"{r['strength']:g}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=bars.lines[0].get_color())
+    if ylabel is None:
+        spec = rows[0].get("reward_spec", "vader")
+        ylabel = "reward: mean VADER compound of samples" if spec == "vader" else f"reward: mean of {spec}"
     ax.set_xlabel("KL(policy || initial), nats per sample")
-    spec = rows[0]["reward_spec"]
-    ax.set_ylabel("reward: mean VADER compound of samples" if spec == "vader" else f"reward: mean of {spec}")
-    ax.set_title("reward vs KL (labels: strength)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
