@@ -4,6 +4,7 @@ names; the logs folder kept as a stage folder is (selpo.run_folder)."""
 
 import json
 import shutil
+import struct
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,3 +125,63 @@ def test_each_training_is_tagged_by_its_folder_in_the_run_folder():
     assert _tag(accelerator, Path("runs/x/oracle")) == "oracle"
     assert _tag(accelerator, Path("runs/x/train/rewards/round-1")) == "train/rewards/round-1"  # guidance's rounds
     assert _tag(accelerator, Path("elsewhere/out")) == "out"
+
+
+
+def wandb_records(path: Path):
+    """The records of a W&B run file (``run-<id>.wandb``, what ``wandb sync`` uploads): a 7-byte header
+    (":W&B", a magic number, a version), then LevelDB's log format, 32 KiB blocks of chunks, each a CRC, a
+    length, a type (1 a whole record, 2-4 its first, middle, last part) and its bytes; a record is a protobuf
+    ``Record``. Read here because W&B (0.31) ships no reader of its own in Python."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    at, record = 7, b""
+    while at + 7 <= len(data):
+        left = block - at % block
+        _, length, kind = struct.unpack("<IHB", data[at:at + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the rest of the block is padding
+            at += left
+            continue
+        record += data[at + 7:at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):
+            parsed = wandb_internal_pb2.Record()
+            parsed.ParseFromString(record)
+            record = b""
+            yield parsed
+
+
+def test_wandb_offline_logs_every_training_record_evals_results_and_the_settings(tiny_run, tmp_path):
+    """W&B in offline mode (nothing uploaded; ``wandb sync`` would): one offline run under the run folder's
+    logs/, whose history, read back from its run file, holds every training record at its values with its own
+    ``<training>/step``, eval's numbers and its table, and whose config is the run's settings."""
+    root, settings = tiny_run
+    run_dir = finished_run(tmp_path / "run", settings, "--set", "report_to=wandb")
+    (run_file,) = (run_dir / LOGS / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config = [], {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    for stage in ("oracle", "train"):
+        records = read_metrics(run_dir / stage)
+        logged = [h for h in history if f"{stage}/loss" in h]
+        assert len(records) == len(logged) == 3
+        for record, entry in zip(records, logged):
+            expected = leaves(record, stage)
+            assert {tag: entry[tag] for tag in expected} == pytest.approx(expected, rel=1e-6)
+    evaluated = leaves(json.loads((run_dir / "eval" / DONE).read_text())["summary"], "eval")
+    (entry,) = [h for h in history if "eval/policy/reward" in h]
+    assert {tag: entry[tag] for tag in evaluated} == pytest.approx(evaluated, rel=1e-6)
+    (table,) = [h for h in history if "eval/results/_type" in h]
+    assert table["eval/results/_type"] == "table-file" and table["eval/results/ncols"] == 3
+    (table_file,) = run_file.parent.glob("files/media/table/eval/results_*.table.json")
+    rows = {row[0]: row[1:] for row in json.loads(table_file.read_text())["data"]}
+    assert rows["kl"] == pytest.approx([evaluated["eval/initial/kl"], evaluated["eval/policy/kl"]])
+    used = load(run_dir / "config.toml")
+    assert config["method"] == used.method and config["train.lr"] == used.train.lr
