@@ -117,6 +117,10 @@ def test_resolve_model_path_takes_local_folders(tiny, tmp_path):
     assert resolve_model_path(tiny) == tiny
     with pytest.raises(FileNotFoundError, match="not a local model folder"):
         resolve_model_path(str(tmp_path / "nowhere"))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a LoRA adapter folder, not a model; a run starts from a whole"):
+        resolve_model_path(str(tmp_path / "adapter"))
     with pytest.raises(TypeError, match="model must be a path"):
         resolve_model_path(3)
 
