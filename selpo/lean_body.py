@@ -15,9 +15,11 @@ class named ``*RMSNorm`` with a vector ``weight`` and an epsilon), and then its 
 the lean one on a random input (a few rows, once per module: milliseconds); one whose forward differs (Gemma's
 ``1 + weight`` norm, an MLP with dropout or a multiplier) keeps its own.
 
-Under LoRA (``selpo.lora``) an MLP whose projections carry an adapter (PEFT's layers, not ``nn.Linear``) keeps its
-own forward; a plain MLP or RMSNorm over frozen weights is swapped, and its backward skips the frozen weights'
-gradients (for the MLP, their three GEMMs).
+Under LoRA (``selpo.lora``) a plain MLP or RMSNorm over frozen weights is swapped, and its backward skips the frozen
+weights' gradients (for the MLP, their three GEMMs); an MLP whose projections carry an adapter (PEFT's layers, one
+active adapter without dropout) runs ``selpo.lean_lora``'s MLP, which keeps x, gate(x), up(x) and the rank-r
+products and computes the adapters' gradients only, and the base MLP while the adapter is disabled. With dropout
+(or another LoRA variant) it keeps PEFT's forward.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .lean_lora import PROJECTIONS, lora_mlp_forward
 
 VERIFY_ROWS = 5  # rows of the random input each module is checked on
 VERIFY_RTOL = 1e-4  # float32 reassociation
@@ -112,11 +116,14 @@ def _lean_forward(module: nn.Module, mlp: bool):
     """The lean forward that may replace ``module``'s, judged from its parts alone (None when none applies),
     and the width of its input. It reads the parameters at each call, as the module's own forward does
     (wrappers such as FSDP swap them)."""
-    linears = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if mlp and all(isinstance(m, nn.Linear) and m.bias is None for m in linears) and \
-            type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
-        return (lambda x: swiglu_mlp(x, module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight),
-                module.gate_proj.in_features)
+    linears = [getattr(module, name, None) for name in PROJECTIONS]
+    if mlp and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
+        if all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
+            return (lambda x: swiglu_mlp(x, module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight),
+                    module.gate_proj.in_features)
+        adapted = lora_mlp_forward(module)  # LoRA-adapted projections (PEFT's layers)
+        if adapted is not None:
+            return adapted, module.gate_proj.in_features
     weight, eps = getattr(module, "weight", None), _norm_eps(module)
     if type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1 \
             and eps is not None and not list(module.children()):

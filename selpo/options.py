@@ -68,7 +68,8 @@ class LoopConfig:
                                "Comma-separated names of the modules that get a LoRA adapter (PEFT's "
                                "target_modules: a module whose name ends with one). The default: a Llama-style "
                                "model's attention and MLP projections. The output head may not be named: it stays "
-                               "frozen. An adapted MLP runs its own forward, not lean_body's.")
+                               "frozen. Under lean_body an adapted MLP runs selpo.lean_lora's MLP (not with "
+                               "lora_dropout > 0).")
     lora_merge: bool = option(False, "Also save the trained model merged (base + adapter) as a full transformers "
                               "folder, <stage>/merged, beside the adapter folder <stage>/model; needs lora_rank > 0.")
 

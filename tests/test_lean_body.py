@@ -1,7 +1,10 @@
 """selpo.lean_body: the lean SwiGLU MLP and RMSNorm against eager float64 math (values and every gradient, odd
 sizes, no rows, one row), under bf16 autocast, and swapped into a tiny Llama: the same loss and gradients, fewer
 saved bytes, the modules' own forwards back afterwards, and modules that compute something else left alone; and
-every architecture of the head conformance suite trained with it keeps its own log-probs and gradients."""
+every architecture of the head conformance suite trained with it keeps its own log-probs and gradients. The lean
+LoRA MLP (selpo.lean_lora) against PEFT's forward: values and the gradients of x and every adapter factor in
+float64 and float32 (odd sizes, one row, no rows, some projections adapted), under bf16 autocast, with the adapter
+disabled (the base MLP), merged, or with dropout (PEFT's forward kept)."""
 
 import sys
 from pathlib import Path
@@ -9,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from selpo.lean_body import lean_body, rms_norm, swiglu_mlp
+from selpo.lean_lora import PROJECTIONS, lora_swiglu_mlp, projection
 from selpo.models import load_causal_lm
 from selpo.testing import tiny_model_dir
 
@@ -199,3 +204,177 @@ def test_a_loaded_models_lean_forwards_survive_train_and_eval(tiny_llama):
         model.train()
         assert names and all("forward" in model.get_submodule(name).__dict__ for name in names)
     assert not getattr(model, "use_kernels", False)
+
+
+# ---- LoRA-adapted MLPs (selpo.lean_lora): PEFT's layers on the projections ----
+
+class SwiGLU(nn.Module):
+    """A Llama-style MLP (what lean_body looks for), on its own."""
+
+    def __init__(self, width, inner):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(width, inner, bias=False), nn.Linear(width, inner, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(inner, width, bias=False), nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+ALL = ("gate_proj", "up_proj", "down_proj")
+
+
+def _lora_mlp(targets=ALL, *, dtype=torch.float64, seed=0, width=7, inner=13, rank=3, dropout=0.0):
+    """A SwiGLU MLP with PEFT's LoRA layers on ``targets`` (rank 3, alpha 5: scale 5/3), every weight random (PEFT
+    starts B at 0), the base frozen; and its PeftModel."""
+    mlp = SwiGLU(width, inner)
+    peft = get_peft_model(mlp, LoraConfig(r=rank, lora_alpha=5, lora_dropout=dropout, target_modules=list(targets)))
+    mlp.to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in mlp.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=dtype) / param.shape[-1] ** 0.5)
+    return mlp, peft
+
+
+def _mlp_grads(mlp, x, grad_out, forward=None):
+    """The output of ``forward`` (the module's, by default) on ``x`` and the gradients of x and of every weight that
+    requires one (None for those that got none)."""
+    mlp.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = (forward or mlp)(x)
+    out.backward(grad_out)
+    return out.detach(), {"x": x.grad, **{n: p.grad for n, p in mlp.named_parameters() if p.requires_grad}}
+
+
+def _lean(out):
+    assert type(out.grad_fn).__name__ == "_LoRASwiGLUBackward", out.grad_fn  # not PEFT's forward
+    return out
+
+
+def _lean_lora(mlp, x, grad_out, recompute):
+    """The lean LoRA MLP on ``x``: through lean_body's swap, or called directly with ``recompute``."""
+    if recompute:
+        return _mlp_grads(mlp, x, grad_out, lambda t: _lean(lora_swiglu_mlp(
+            t, *[projection(getattr(mlp, name)) for name in PROJECTIONS], recompute=True)))
+    with lean_body(mlp) as swapped:
+        assert swapped == [""]
+        return _mlp_grads(mlp, x, grad_out, lambda t: _lean(mlp(t)))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+@pytest.mark.parametrize("targets", [ALL, ("gate_proj",), ("up_proj", "down_proj")], ids="+".join)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 7), (2, 1, 7), (0, 7)])
+def test_lean_lora_mlp_matches_peft_float64(shape, targets, recompute):
+    """Output and the gradients of x and of every adapter's A and B equal PEFT's forward's; the frozen base weights
+    get no gradient."""
+    seed = hash((shape, targets, recompute)) % 2 ** 31  # fresh inputs and weights per case
+    mlp, _ = _lora_mlp(targets, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(shape, generator=generator, dtype=torch.float64)
+    want, want_grads = _mlp_grads(mlp, x, grad_out)
+    got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    assert sorted(got_grads) == sorted(["x"] + [f"{t}.lora_{m}.default.weight" for t in targets for m in "AB"])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
+        assert shape[0] == 0 or grad.abs().sum() > 0, name
+    assert all(p.grad is None for n, p in mlp.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+def test_lean_lora_mlp_trains_a_base_weight_that_requires_grad(recompute):
+    """Not LoRA's case (its base is frozen), but a base weight that requires grad gets PEFT's gradient."""
+    mlp, _ = _lora_mlp(("gate_proj", "down_proj"), seed=11, width=6, inner=9)
+    mlp.requires_grad_(True)
+    generator = torch.Generator().manual_seed(12)
+    x, grad_out = torch.randn(4, 6, generator=generator, dtype=torch.float64), torch.randn(4, 6, generator=generator,
+                                                                                            dtype=torch.float64)
+    want, want_grads = _mlp_grads(mlp, x, grad_out)
+    got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    assert len(got_grads) == 1 + 3 + 2 * 2
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+def test_lean_lora_mlp_matches_peft_float32(recompute):
+    mlp, _ = _lora_mlp(dtype=torch.float32, seed=21, width=33, inner=70, rank=5)
+    generator = torch.Generator().manual_seed(22)
+    x, grad_out = torch.randn(3, 11, 33, generator=generator), torch.randn(3, 11, 33, generator=generator)
+    want, want_grads = _mlp_grads(mlp, x, grad_out)
+    got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 7
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
+def test_lean_lora_mlp_under_bf16_autocast(recompute):
+    """Under autocast the lean LoRA MLP runs PEFT's bf16 ops in PEFT's order (the same output, bit for bit); the
+    gradients come back in float32, within bf16 rounding of PEFT's."""
+    mlp, _ = _lora_mlp(dtype=torch.float32, seed=31, width=16, inner=24, rank=4)
+    generator = torch.Generator().manual_seed(32)
+    x, grad_out = torch.randn(4, 9, 16, generator=generator), torch.randn(4, 9, 16, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = _mlp_grads(mlp, x, grad_out)
+        got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 7
+    for name, grad in want_grads.items():
+        assert got_grads[name].dtype == grad.dtype == torch.float32, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=2e-2 * float(grad.abs().max()), msg=name)
+
+
+def test_lean_lora_mlp_with_the_adapter_disabled_is_the_base_mlp():
+    """The reference pass (PEFT's disable_adapter) of a lean LoRA MLP gives the base MLP's output and x-gradient, and
+    no adapter gradient; enabled again, the adapter's."""
+    mlp, peft = _lora_mlp(seed=41)
+    base = SwiGLU(7, 13).to(torch.float64)
+    base.load_state_dict({k.replace(".base_layer", ""): v for k, v in mlp.state_dict().items() if "lora_" not in k})
+    generator = torch.Generator().manual_seed(42)
+    x, grad_out = torch.randn(5, 7, generator=generator, dtype=torch.float64), torch.randn(5, 7, generator=generator,
+                                                                                            dtype=torch.float64)
+    want, want_grads = _mlp_grads(base.requires_grad_(False), x, grad_out)
+    adapted, adapted_grads = _mlp_grads(mlp, x, grad_out)
+    with lean_body(mlp) as swapped:
+        assert swapped == [""]
+        with peft.disable_adapter():
+            off, off_grads = _mlp_grads(mlp, x, grad_out)
+        on, on_grads = _mlp_grads(mlp, x, grad_out)
+    torch.testing.assert_close(off, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(off_grads["x"], want_grads["x"], rtol=1e-12, atol=1e-12)
+    assert all(g is None for n, g in off_grads.items() if n != "x")
+    assert (on - off).abs().max() > 1e-3
+    torch.testing.assert_close(on, adapted, rtol=1e-12, atol=1e-12)
+    for name, grad in adapted_grads.items():
+        torch.testing.assert_close(on_grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_a_merged_adapter_runs_peft_forward():
+    """Merged into the base weights (PEFT's merge_adapter) while swapped, the MLP runs its own forward again (the
+    lean one would add the adapter twice), and the lean one once unmerged."""
+    mlp, peft = _lora_mlp(seed=51)
+    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(52), dtype=torch.float64)
+    with torch.no_grad():
+        want = mlp(x)
+        with lean_body(mlp) as swapped:
+            assert swapped == [""]
+            peft.merge_adapter()
+            merged = mlp(x)
+            peft.unmerge_adapter()
+            unmerged = mlp(x)
+    torch.testing.assert_close(merged, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(unmerged, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_adapter_with_dropout_keeps_peft_forward(training):
+    """Whatever mode it is swapped in (in eval mode dropout is the identity, and lean_body's check would pass)."""
+    mlp, _ = _lora_mlp(seed=61, dropout=0.1)
+    mlp.train(training)
+    with lean_body(mlp) as swapped:
+        assert swapped == []

@@ -1,9 +1,9 @@
 """LoRA adapters through PEFT (selpo.lora) in the trainer, the stages and the fused ops, on a tiny random Llama.
 
 A LoRA DPO step's loss and adapter gradients against PEFT's own model forward (full logits), in every token layout,
-with the lean body and gradient checkpointing; the frozen head (and a lean MLP over frozen weights) costs no
-weight-gradient GEMM; the adapter disabled is the initial model; checkpoints hold the adapter only and resume
-bitwise; the saved folders load with PEFT and transformers; `selpo run` with LoRA on every
+with the lean body (its MLPs adapted or not) and gradient checkpointing; the frozen head (and a lean MLP over
+frozen weights) costs no weight-gradient GEMM; the adapter disabled is the initial model; checkpoints hold the
+adapter only and resume bitwise; the saved folders load with PEFT and transformers; `selpo run` with LoRA on every
 training stage; bad keys named.
 """
 
@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from selpo import checkpoint, lora
+from selpo import checkpoint, lean_lora, lora
 from selpo.batches import Example, collate
 from selpo.config import LoopConfig, RunConfig, apply_overrides
 from selpo.context import row_pair
@@ -98,10 +98,15 @@ def _peft_dpo_loss(model, batch, beta):
 
 @pytest.mark.parametrize("layout,lean,checkpointing,targets", [
     ("padded", False, False, LORA.lora_targets),
-    ("shared", True, True, LORA.lora_targets),  # lean RMSNorms (the MLPs are adapted), checkpointed layers
+    ("shared", True, True, LORA.lora_targets),  # lean RMSNorms (no lean MLP under checkpointing), checkpointed layers
     ("packed", True, False, "q_proj,v_proj"),  # lean MLPs over frozen weights
+    ("padded", True, False, LORA.lora_targets),  # lean LoRA MLPs (selpo.lean_lora)
+    ("shared", True, False, "gate_proj,down_proj,k_proj"),  # lean LoRA MLPs, up_proj not adapted
 ])
-def test_lora_dpo_step_matches_peft_forward(tiny, examples, layout, lean, checkpointing, targets):
+def test_lora_dpo_step_matches_peft_forward(tiny, examples, layout, lean, checkpointing, targets, monkeypatch):
+    lean_lora_calls = []
+    monkeypatch.setattr(lean_lora, "lora_swiglu_mlp", lambda *a, _f=lean_lora.lora_swiglu_mlp, **k: (
+        lean_lora_calls.append(1), _f(*a, **k))[1])
     model, tokenizer = _adapted(tiny[0], targets)
     choose_layout(model, layout)
     model.train()
@@ -112,11 +117,13 @@ def test_lora_dpo_step_matches_peft_forward(tiny, examples, layout, lean, checkp
         swapped = stack.enter_context(lean_body(model, mlp=not checkpointing)) if lean else []
         if layout != "padded":  # as the trainer: a checkpointed layer replays its attention in the backward
             stack.enter_context(segment_attention(model))
+        lean_lora_calls.clear()  # lean_body's check of each swapped MLP ran it once
         loss, _ = DPO(beta=0.5, backend="torch").loss(model, batch)
         loss.backward()
     mlps = [name for name in swapped if name.endswith(".mlp")]
-    assert len(mlps) == (model.config.num_hidden_layers if lean and targets == "q_proj,v_proj" and not checkpointing
-                         else 0)  # an adapted MLP keeps its own forward
+    assert len(mlps) == (model.config.num_hidden_layers if lean and not checkpointing else 0)
+    adapted_mlps = "gate_proj" in targets and lean and not checkpointing  # then run as selpo.lean_lora's MLP
+    assert len(lean_lora_calls) == (len(mlps) if adapted_mlps else 0)
     assert bool(swapped) == lean
     grads = _adapter_grads(model)
     model.zero_grad(set_to_none=True)
