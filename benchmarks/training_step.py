@@ -710,8 +710,9 @@ def dpo_section(results: list[dict], device: str, size: Size, adapter: bool = Fa
 def lora_line() -> str:
     return (f" Both train the same LoRA adapter, through PEFT (rank {LORA['rank']}, alpha {LORA['alpha']:g}, dropout "
             f"{LORA['dropout']:g}, on {LORA['targets'].replace(',', ', ')}; the output head frozen) and compute the "
-            "reference log-probs with the adapter disabled (the same base weights, no second model). Target: selpo "
-            f"at most {LORA_TARGET}× TRL's time and peak.")
+            "reference log-probs with the adapter disabled (the same base weights, no second model); selpo's "
+            "adapted MLPs store their input, gate and up outputs and the rank-r products (`selpo.lean_lora`). "
+            f"Target: selpo at most {LORA_TARGET}× TRL's time and peak.")
 
 
 def lora_section(results: list[dict], device: str, size: Size) -> list[str]:
