@@ -15,8 +15,7 @@ forward and backward of one MLP, median of 6: at 2048 tokens PEFT's forward 184-
 154-202 ms and 29 MiB, recomputing 209-275 ms and 5 MiB; at 4096 tokens 530, 321 and 572 ms (106, 58 and 10 MiB).
 Recomputing costs more time than PEFT's forward takes (those two GEMMs are a third of the MLP's work, and a LoRA
 step's backward runs no frozen weight's GEMM to hide them behind), while storing is no slower than PEFT and halves
-what the MLP stores; a step that needs less memory than that runs gradient checkpointing. ``recompute=True`` is
-kept for that trade (not used by ``selpo.lean_body``) and tested alike.
+what the MLP stores; a step that needs less memory than that runs gradient checkpointing.
 
 Values and gradients are PEFT's up to rounding: the forward runs PEFT's ops in its order (the base GEMM, then
 ``+ B(A(x)) * s``), so under autocast they are the same bf16 ops; the backward (which autocast does not reach)
@@ -60,17 +59,16 @@ def _project(x, w, a, b, s):
 
 
 class _LoRASwiGLU(torch.autograd.Function):
-    """``down(silu(gate(x)) * up(x))`` over LoRA-adapted projections, saving x, gate(x), up(x) (or, with
-    ``recompute``, neither of those two) and each adapter's [tokens, r] product."""
+    """``down(silu(gate(x)) * up(x))`` over LoRA-adapted projections, saving x, gate(x), up(x) and each adapter's
+    [tokens, r] product."""
 
     @staticmethod
-    def forward(ctx, x, scales, recompute, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b):
+    def forward(ctx, x, scales, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b):
         gate, gate_low = _project(x, gate_w, gate_a, gate_b, scales[0])
         up, up_low = _project(x, up_w, up_a, up_b, scales[1])
         out, down_low = _project(F.silu(gate) * up, down_w, down_a, down_b, scales[2])
-        ctx.scales, ctx.recompute, ctx.dtype = scales, recompute, gate.dtype
-        stored = (None, None) if recompute else (gate, up)
-        ctx.save_for_backward(x, *stored, gate_low, up_low, down_low, gate_w, gate_a, gate_b, up_w, up_a, up_b,
+        ctx.scales, ctx.dtype = scales, gate.dtype
+        ctx.save_for_backward(x, gate, up, gate_low, up_low, down_low, gate_w, gate_a, gate_b, up_w, up_a, up_b,
                               down_w, down_a, down_b)
         return out
 
@@ -86,23 +84,17 @@ class _LoRASwiGLU(torch.autograd.Function):
 
         xs, grad = _rows(x).to(dtype), _rows(grad).to(dtype)
         gate_low, up_low, down_low = (None if t is None else _rows(t) for t in (gate_low, up_low, down_low))
-        if ctx.recompute:  # what the forward's GEMMs gave, in their dtype: under autocast the same bf16 ops
-            gate, up = F.linear(xs, cast(gate_w)), F.linear(xs, cast(up_w))
-            if gate_low is not None:
-                gate = gate + F.linear(gate_low, cast(gate_b)) * s_gate
-            if up_low is not None:
-                up = up + F.linear(up_low, cast(up_b)) * s_up
         gate, up = _rows(gate), _rows(up)
         act = F.silu(gate)
-        hidden = act * up if (need[9] or need[10]) else None
+        hidden = act * up if (need[8] or need[9]) else None
 
         d_hidden = grad @ cast(down_w)
-        d_down_w = (grad.T @ hidden).to(down_w.dtype) if need[9] else None
+        d_down_w = (grad.T @ hidden).to(down_w.dtype) if need[8] else None
         d_down_a = d_down_b = None
         if down_a is not None:
             d_low = (grad @ cast(down_b)).mul_(s_down)
-            d_down_b = (grad.T @ down_low).mul_(s_down).to(down_b.dtype) if need[11] else None
-            d_down_a = (d_low.T @ hidden).to(down_a.dtype) if need[10] else None
+            d_down_b = (grad.T @ down_low).mul_(s_down).to(down_b.dtype) if need[10] else None
+            d_down_a = (d_low.T @ hidden).to(down_a.dtype) if need[9] else None
             d_hidden.addmm_(d_low, cast(down_a))
         del hidden
         d_up = d_hidden * act
@@ -111,8 +103,8 @@ class _LoRASwiGLU(torch.autograd.Function):
 
         d_x = torch.addmm(d_gate @ cast(gate_w), d_up, cast(up_w)) if need[0] else None
         grads = []
-        for d, low, w, a, b, s, (nw, na, nb) in ((d_gate, gate_low, gate_w, gate_a, gate_b, s_gate, need[3:6]),
-                                                 (d_up, up_low, up_w, up_a, up_b, s_up, need[6:9])):
+        for d, low, w, a, b, s, (nw, na, nb) in ((d_gate, gate_low, gate_w, gate_a, gate_b, s_gate, need[2:5]),
+                                                 (d_up, up_low, up_w, up_a, up_b, s_up, need[5:8])):
             d_w = (d.T @ xs).to(w.dtype) if nw else None
             d_a = d_b = None
             if a is not None:
@@ -123,17 +115,16 @@ class _LoRASwiGLU(torch.autograd.Function):
                     d_x.addmm_(d_low, cast(a))
             grads += [d_w, d_a, d_b]
         d_x = None if d_x is None else d_x.view(x.shape).to(x.dtype)
-        return (d_x, None, None, *grads, d_down_w, d_down_a, d_down_b)
+        return (d_x, None, *grads, d_down_w, d_down_a, d_down_b)
 
 
-def lora_swiglu_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, *,
-                    recompute: bool = False) -> torch.Tensor:
+def lora_swiglu_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:
     """A bias-free SwiGLU MLP over LoRA-adapted projections (``Projection``: a frozen weight and, or not, an
     adapter's factors and scale), ``down(silu(gate(x)) * up(x))`` as PEFT computes it, storing x, gate(x), up(x)
-    and the rank-r products for its backward (``recompute``: x and the rank-r products only, the two GEMMs rerun)."""
+    and the rank-r products for its backward."""
     parts = (gate, up, down)
     scales = tuple(float(p.scale) for p in parts)
-    return _LoRASwiGLU.apply(x, scales, recompute, *(t for p in parts for t in (p.weight, p.a, p.b)))
+    return _LoRASwiGLU.apply(x, scales, *(t for p in parts for t in (p.weight, p.a, p.b)))
 
 
 def is_lora_linear(module: nn.Module) -> bool:

@@ -16,7 +16,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from selpo.lean_body import lean_body, rms_norm, swiglu_mlp
-from selpo.lean_lora import PROJECTIONS, lora_swiglu_mlp, projection
 from selpo.models import load_causal_lm
 from selpo.testing import tiny_model_dir
 
@@ -251,29 +250,25 @@ def _lean(out):
     return out
 
 
-def _lean_lora(mlp, x, grad_out, recompute):
-    """The lean LoRA MLP on ``x``: through lean_body's swap, or called directly with ``recompute``."""
-    if recompute:
-        return _mlp_grads(mlp, x, grad_out, lambda t: _lean(lora_swiglu_mlp(
-            t, *[projection(getattr(mlp, name)) for name in PROJECTIONS], recompute=True)))
+def _lean_lora(mlp, x, grad_out):
+    """The lean LoRA MLP on ``x``, through lean_body's swap."""
     with lean_body(mlp) as swapped:
         assert swapped == [""]
         return _mlp_grads(mlp, x, grad_out, lambda t: _lean(mlp(t)))
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
 @pytest.mark.parametrize("targets", [ALL, ("gate_proj",), ("up_proj", "down_proj")], ids="+".join)
 @pytest.mark.parametrize("shape", [(1, 7), (3, 5, 7), (2, 1, 7), (0, 7)])
-def test_lean_lora_mlp_matches_peft_float64(shape, targets, recompute):
+def test_lean_lora_mlp_matches_peft_float64(shape, targets):
     """Output and the gradients of x and of every adapter's A and B equal PEFT's forward's; the frozen base weights
     get no gradient."""
-    seed = hash((shape, targets, recompute)) % 2 ** 31  # fresh inputs and weights per case
+    seed = hash((shape, targets)) % 2 ** 31  # fresh inputs and weights per case
     mlp, _ = _lora_mlp(targets, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     grad_out = torch.randn(shape, generator=generator, dtype=torch.float64)
     want, want_grads = _mlp_grads(mlp, x, grad_out)
-    got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    got, got_grads = _lean_lora(mlp, x, grad_out)
     assert sorted(got_grads) == sorted(["x"] + [f"{t}.lora_{m}.default.weight" for t in targets for m in "AB"])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for name, grad in want_grads.items():
@@ -282,8 +277,7 @@ def test_lean_lora_mlp_matches_peft_float64(shape, targets, recompute):
     assert all(p.grad is None for n, p in mlp.named_parameters() if "lora_" not in n)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
-def test_lean_lora_mlp_trains_a_base_weight_that_requires_grad(recompute):
+def test_lean_lora_mlp_trains_a_base_weight_that_requires_grad():
     """Not LoRA's case (its base is frozen), but a base weight that requires grad gets PEFT's gradient."""
     mlp, _ = _lora_mlp(("gate_proj", "down_proj"), seed=11, width=6, inner=9)
     mlp.requires_grad_(True)
@@ -291,28 +285,26 @@ def test_lean_lora_mlp_trains_a_base_weight_that_requires_grad(recompute):
     x, grad_out = torch.randn(4, 6, generator=generator, dtype=torch.float64), torch.randn(4, 6, generator=generator,
                                                                                             dtype=torch.float64)
     want, want_grads = _mlp_grads(mlp, x, grad_out)
-    got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    got, got_grads = _lean_lora(mlp, x, grad_out)
     assert len(got_grads) == 1 + 3 + 2 * 2
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
-def test_lean_lora_mlp_matches_peft_float32(recompute):
+def test_lean_lora_mlp_matches_peft_float32():
     mlp, _ = _lora_mlp(dtype=torch.float32, seed=21, width=33, inner=70, rank=5)
     generator = torch.Generator().manual_seed(22)
     x, grad_out = torch.randn(3, 11, 33, generator=generator), torch.randn(3, 11, 33, generator=generator)
     want, want_grads = _mlp_grads(mlp, x, grad_out)
-    got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+    got, got_grads = _lean_lora(mlp, x, grad_out)
     assert got_grads.keys() == want_grads.keys() and len(got_grads) == 7
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
-def test_lean_lora_mlp_under_bf16_autocast(recompute):
+def test_lean_lora_mlp_under_bf16_autocast():
     """Under autocast the lean LoRA MLP runs PEFT's bf16 ops in PEFT's order (the same output, bit for bit); the
     gradients come back in float32, within bf16 rounding of PEFT's."""
     mlp, _ = _lora_mlp(dtype=torch.float32, seed=31, width=16, inner=24, rank=4)
@@ -320,7 +312,7 @@ def test_lean_lora_mlp_under_bf16_autocast(recompute):
     x, grad_out = torch.randn(4, 9, 16, generator=generator), torch.randn(4, 9, 16, generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_grads = _mlp_grads(mlp, x, grad_out)
-        got, got_grads = _lean_lora(mlp, x, grad_out, recompute)
+        got, got_grads = _lean_lora(mlp, x, grad_out)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert got_grads.keys() == want_grads.keys() and len(got_grads) == 7
