@@ -139,7 +139,9 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"Face hub cache ({constants.HF_HUB_CACHE}); selpo never downloads models. Fill that cache once where "
                 f"the hub is reachable (`hf download {str(name_or_path).partition('@')[0]}`), or pass a local folder; "
                 f"{DEFAULT_MODEL!r} is the embedded default")
-    if (path / "adapter_config.json").is_file():
+    from .lora import CONFIG_FILE
+
+    if (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"model: {str(name_or_path)!r} is a LoRA adapter folder, not a model; a run starts "
                                 f"from a whole model: its base, or the folder it was merged into (lora_merge = "
                                 f"true writes <stage>/merged)")
