@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from selpo.compare import plot_frontier
+from selpo.compare import costs, plot_frontier, preparing
 from selpo.config import tomllib
-from selpo.context import read_jsonl
+from selpo.context import read_done, read_jsonl
 
 SEPARATED = 3.0  # standard errors
 
@@ -45,7 +45,8 @@ def run_rows(folder: Path) -> tuple[list[dict], int]:
         gain = statistics.fmean(diffs)
         z = gain / se if se > 0 else math.copysign(math.inf, gain) if gain else 0.0
         policy = results["policy"]
-        rows.append({"run": run.name, "method": method, "key": key, "strength": float(value),
+        records = {stage: read_done(run / stage) for stage in (*preparing(method), "train")}
+        rows.append({**costs(method, records), "run": run.name, "method": method, "key": key, "strength": float(value),
                      "reward": policy["reward"], "kl": policy["kl"], "initial_reward": results["initial"]["reward"],
                      "gain": gain, "se": se, "z": z, "samples": len(diffs),
                      "implicit_accuracy": policy["implicit_accuracy"],
@@ -67,9 +68,6 @@ def report(folder: Path, out: Path, plot_path: Path, command: str) -> str:
     rows, unfinished = run_rows(folder)
     if not rows:
         raise SystemExit(f"no run under {folder}/runs has finished its eval")
-    timing = {}
-    if (folder / "results.json").is_file():  # written by selpo compare once every run is done
-        timing = {Path(r["run_dir"]).name: r for r in json.loads((folder / "results.json").read_text())}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     plot_frontier(rows, plot_path, title=f"reward vs KL ({device})",
                   ylabel="reward of samples (bars: standard error of the gain)")
@@ -85,8 +83,6 @@ def report(folder: Path, out: Path, plot_path: Path, command: str) -> str:
              "held-out acc. (mean log-prob) | token share | train s | prep s | peak MiB |",
              "|---" * 13 + "|"]
     for r in rows:
-        t = timing.get(r["run"], {})
-
         def num(value, fmt):
             return "-" if value is None else format(value, fmt)
 
@@ -94,8 +90,7 @@ def report(folder: Path, out: Path, plot_path: Path, command: str) -> str:
         lines.append(f"| {r['method']} | {r['key']}={r['strength']:g} | {r['reward']:+.3f} | {r['gain']:+.3f} "
                      f"| {r['se']:.3f} | {r['z']:+.1f}{mark} | {r['kl']:.3f} | {r['implicit_accuracy']:.3f} "
                      f"| {r['likelihood_accuracy']:.3f} | {num(r['token_share'], '.2f')} "
-                     f"| {num(t.get('train_seconds'), '.0f')} | {num(t.get('prep_seconds'), '.0f')} "
-                     f"| {num(t.get('peak_memory_mib'), '.0f')} |")
+                     f"| {r['train_seconds']:.0f} | {r['prep_seconds']:.0f} | {num(r['peak_memory_mib'], '.0f')} |")
     separated = [r["run"] for r in rows if r["z"] > SEPARATED]
     lines += ["", f"Separated from the initial model: {', '.join(separated) if separated else 'none'}."]
     text = "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@
 #      costs measured, each line as it comes (ledger.md), 30 s: stopped there, the first N's lines are complete.
 #   5. the op tests on the GPU (SELPO_TEST_DEVICE=cuda, 12 xdist processes; outputs poisoned, Triton compiled) for
 #      the rest, at least 40 s; SIGINT at the limit, so that pytest still reports what ran (tests-cuda.log).
+# GPU_CHECK_STEPS (default loss,logprobs,forward,ledger,tests) chooses steps 1-5; the set-up always runs.
 # The budgets follow the first lease (H200, 2026-12-04, GPU-NOTES.md): set-up 12 s, step 1 110 s (its first
 # compiles included), step 2 stopped at its then 60 s after selpo's and naive's tests, step 3 at its then 35 s after
 # three of its six, the ledger 17 s, the op tests 36 s; so steps 2 and 3 now get 100 s and 50 s (predictions). Everything written goes under OUT_DIR (6 files; a lease
@@ -75,6 +76,8 @@ else
     tests_k=()
 fi
 impls=${SELPO_GPU_IMPLS:-selpo-triton,selpo-fused-triton,naive,liger-flce,cce,cce-sel,trl-chunked,trl-chunked-sel,floor}
+steps=${GPU_CHECK_STEPS-loss,logprobs,forward,ledger,tests}  # after the set-up, which always runs (empty: it alone)
+chosen() { [[ ",$steps," == *",$1,"* ]]; }
 status=()  # "step:exit code" of each step
 note() {  # note NAME CODE: a step's exit code, kept for the last line
     status+=("$1:$2")
@@ -154,7 +157,9 @@ note setup "$code"
 if [ "$code" != 0 ]; then echo "gpu_check: the set-up failed: nothing else can run"; exit 2; fi
 
 # 1-3. The benchmark suite, the SePO loss case first: one call per group, adding to the same records.
-bench() {  # bench NAME BUDGET CASES [--append]
+bench() {  # bench STEP NAME BUDGET CASES [--append]
+    chosen "$1" || return 0
+    shift
     begin "$1" "$(within "$2")" || return
     timeout -k 5 "$(within "$2")" python3 -m benchmarks.run --device "$device" "${plan[@]}" --out "$out" \
         --cases="$3" --impls="$impls" --log "$out/bench.log" "${@:4}"
@@ -166,12 +171,12 @@ bench() {  # bench NAME BUDGET CASES [--append]
     fi
     note "$1" "$code"
 }
-bench "SePO loss" 125 "selective_loss-fwd+bwd-$shape"
-bench "log-probs forward+backward" 100 "linear_logprobs-fwd+bwd-$shape" --append
-bench "log-probs forward" 50 "linear_logprobs-fwd-$shape" --append
+bench loss "SePO loss" 125 "selective_loss-fwd+bwd-$shape"
+bench logprobs "log-probs forward+backward" 100 "linear_logprobs-fwd+bwd-$shape" --append
+bench forward "log-probs forward" 50 "linear_logprobs-fwd-$shape" --append
 
 # 4. The ledger: ceilings, then each op timed beside its prediction, each line as it comes.
-if begin ledger "$(within 30)"; then
+if chosen ledger && begin ledger "$(within 30)"; then
     timeout -k 5 "$(within 30)" python3 -m benchmarks.ledger --measure --device "$device" "${ledger[@]}" 2>&1 |
         tee "$out/ledger.md"
     note ledger "${PIPESTATUS[0]}"
@@ -179,7 +184,7 @@ fi
 
 # 5. The op tests on the device, for what is left (SIGINT at the limit: pytest reports what ran).
 limit=$(within 600)
-if begin "op tests" "$limit"; then
+if chosen tests && begin "op tests" "$limit"; then
     tests=(tests/test_selective_loss.py tests/test_linear_logprobs.py tests/test_syncs.py tests/test_losses.py
            tests/test_token_scores.py tests/test_logits_logprobs.py tests/test_segment_sum.py tests/test_topk_mask.py
            tests/test_ranking_loss.py)

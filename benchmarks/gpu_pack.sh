@@ -26,9 +26,13 @@ mkdir -p "$(dirname "$exclude")"
 for folder in /.gpu1/ /.gpu2/; do
     grep -qxF "$folder" "$exclude" 2>/dev/null || echo "$folder" >> "$exclude"
 done
+version() { python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+for name in selpo cut-cross-entropy liger-kernel vaderSentiment trl datasets dill multiprocess gguf peft; do
+    version "$name" > /dev/null 2>&1 || { echo "gpu_pack: $name is not installed in this Python ($(command -v \
+        python3)): activate the project's environment (.venv) first; .gpu1 and .gpu2 are left as they are" >&2; exit 1; }
+done
 rm -rf .gpu1 .gpu2
 mkdir -p .gpu1 .gpu2
-version() { python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 fetch() {  # fetch DIR DISTRIBUTION...: each at the version installed here, as a wheel for CPython 3.12
     local dir=$1
     shift

@@ -68,6 +68,10 @@ model=${SELPO_MODEL:-default}
 steps=3
 has() { [[ ",$parts," == *",$1,"* ]]; }
 mkdir -p "$out" "$work"
+# The peers gpu_check.sh installed in the lease's first call (Liger for TRL's use_liger_kernel, CCE): importable here
+# too (on an H200, 2026-12-04, the step part stopped on Liger missing from this call's path).
+check_site=${GPU_CHECK_WORK:-/tmp/selpo-gpu-check}/site
+if [ -d "$check_site" ]; then export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$check_site"; fi
 log="$out/gpu-train.log"
 export SELPO_CACHE="$work" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$device" = cpu ]; then export TRITON_INTERPRET=1; fi  # the dry run: Triton kernels in the interpreter

@@ -481,8 +481,15 @@ def run_all(todo: list[dict]) -> list[dict]:
     plain = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     plain.pop("TRITON_INTERPRET", None)
     ordered = [{**job, "order": list(LAYOUTS)} for job in todo]
-    if todo and todo[0]["device"] == "cuda":
-        return [r for job in ordered for r in variant_results(job, [measure_in_subprocess(job, plain)], None)]
+    if todo and todo[0]["device"] == "cuda":  # a lease's minutes: a failed job is reported, the others kept
+        results = []
+        for job in ordered:
+            try:
+                results += variant_results(job, [measure_in_subprocess(job, plain)], None)
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                results.append({**job, "failed": str(e).splitlines()[-1]})
+        return results
     mapped = dict(plain, MALLOC_MMAP_THRESHOLD_="65536")
     groups: dict[int, list[int]] = {}
     for i, job in enumerate(ordered):
@@ -669,12 +676,12 @@ def ratio_table(results: list[dict], baseline: str, label, columns: list[tuple[s
     headers = ["variant", "activations"] + [h for header, _, _ in columns for h in (header, f"× {baseline}")]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in results:
-        base = next(b for b in results if b["variant"] == baseline and b["group"] == r["group"])
+        base = next((b for b in results if b["variant"] == baseline and b["group"] == r["group"]), None)
         cells = [label(r), "recomputed (checkpointing)" if r["checkpointing"] else "stored"]
         for _, key, unit in columns:
             value = r[key]
             text = f"{value:.2f} s" if unit == "s" else f"{value / 2**20:.0f} MiB" if unit == "MiB" else f"{value:,}"
-            cells += [text, f"{value / base[key]:.2f}×"]
+            cells += [text, "-" if base is None else f"{value / base[key]:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -788,10 +795,13 @@ def write_report(results: list[dict], device: str, size: Size, command: str, pat
     sections = {}
     for part, section in (("sepo", sepo_section), ("dpo", dpo_section), ("lora", lora_section),
                           ("layouts", layouts_section)):
-        chosen = [r for r in results if r["part"] == part]
-        if chosen:
+        chosen = [r for r in results if r["part"] == part and "failed" not in r]
+        failed = [f"- failed, left out: {r['variant']}{', checkpointing' if r['checkpointing'] else ''} "
+                  f"({r['failed']})" for r in results if r["part"] == part and "failed" in r]
+        if chosen or failed:
             extra = (layouts["stats"], layouts["batches"]) if part == "layouts" else ()
-            sections[part] = [SECTIONS[part], "", run] + section(chosen, device, size, *extra)
+            sections[part] = [SECTIONS[part], "", run] + failed + (section(chosen, device, size, *extra) if chosen
+                                                                   else [])
     kept = old_sections(path)
     lines = [f"# One training step on {model}: selpo against what it would be built on or run with, or laid out as, "
              f"instead ({device})", "", "Each section names the run it comes from; a run of some parts (`--part`) "
@@ -865,7 +875,7 @@ def main() -> None:
             results = run_all(jobs(parts, args.device, size, sets, methods))
             write_report(results, args.device, size, command, out, layouts)
     print(open(out).read())
-    if parts == ["attention"] and not all(r["ok"] for r in results):
+    if not all(r["ok"] if parts == ["attention"] else "failed" not in r for r in results):
         sys.exit(1)
 
 

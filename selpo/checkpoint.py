@@ -121,10 +121,36 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def load(accelerator: Accelerator, folder: str | Path, model: torch.nn.Module, objects: dict) -> None:
-    """Restores ``model`` (the one the accelerator prepared), its optimizer, the RNG states and ``objects`` saved by
-    ``save``; a missing or damaged file is a ``CheckpointError`` naming it."""
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Gives a fresh optimizer the state entries a step creates (AdamW's step, exp_avg, exp_avg_sq), unchanged
+    parameters: one step at learning rate 0 on zero gradients (decay multiplies by exactly 1, the update is exactly
+    0). Loading a checkpoint replaces them. Needed under FSDP1 with a sharded checkpoint: Accelerate loads only the
+    entries the optimizer already has, so a fresh one silently kept none and resumed with AdamW's moments reset
+    (seen on an H200, 2026-12-04: 2.4e-3 from the whole run after 2 steps at lr 1e-3). FSDP2's loader does this
+    itself; a plain load replaces the state whole."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    grads = [p.grad for p in params]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p, grad in zip(params, grads):
+        p.grad = grad
+
+
+def load(accelerator: Accelerator, folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         objects: dict) -> None:
+    """Restores ``model`` (the one the accelerator prepared), its ``optimizer``, the RNG states and ``objects`` saved
+    by ``save``; a missing or damaged file is a ``CheckpointError`` naming it."""
     folder = Path(folder)
+    init_optimizer_state(optimizer)
     try:
         # A checkpoint without the frozen weights (_frozen_names) loads into the model that holds them already.
         accelerator.load_state(str(folder), strict=_frozen_names(model) is None)

@@ -99,18 +99,23 @@ def _seconds(record: dict) -> float:
     return float(record.get("seconds", 0.0))
 
 
+def costs(method: str, records: dict) -> dict:
+    """A run's training time, the time of the stages its method runs before training, and the training's peak,
+    from its stage records (a run's DONE records, ``selpo.context.read_done``)."""
+    before = preparing(method)[1:]  # the method's own stages
+    return {"train_seconds": _seconds(records["train"]), "prep_seconds": sum(_seconds(records[s]) for s in before),
+            "peak_memory_mib": records["train"]["summary"].get("peak_memory_mib")}
+
+
 def summarize(method: str, value: float, config: RunConfig, records: dict) -> dict:
     """One row of the comparison from a finished run's stage records."""
     results = records["eval"]["summary"]
     policy = results["policy"]
-    before = preparing(method)[1:]  # the method's own stages
     return {"method": method, "strength": value, "run_dir": config.run_dir,
             "reward": policy["reward"], "kl": policy["kl"], "initial_reward": results["initial"]["reward"],
             "reward_spec": results.get("reward", {}).get("spec", "vader"),
             "implicit_accuracy": policy["implicit_accuracy"], "likelihood_accuracy": policy["likelihood_accuracy"],
-            "token_share": policy.get("token_share"),
-            "train_seconds": _seconds(records["train"]), "prep_seconds": sum(_seconds(records[s]) for s in before),
-            "peak_memory_mib": records["train"]["summary"].get("peak_memory_mib")}
+            "token_share": policy.get("token_share"), **costs(method, records)}
 
 
 def plot_frontier(rows: list[dict], path: Path, *, title: str = "reward vs KL (labels: strength)",

@@ -318,8 +318,9 @@ def _blockwise(query, key, value, segments: Segments, *, scaling, dropout, windo
         else:
             block_sink = None if sink is None else sink if sink.shape[2] == 1 else sink[:, :, q0:q1]
             parts.append(_written_out(q, k, v, allowed, scaling, dropout, softcap, block_sink))
-    poisoned = query.new_full((*query.shape[:3], value.shape[-1]), float("nan"))
-    return poisoned.index_copy(2, segments.query_index, torch.cat(parts, 2)).transpose(1, 2)
+    out = torch.cat(parts, 2)  # in SDPA's dtype: under CUDA's autocast bf16 from float32 queries (seen on an H200)
+    poisoned = out.new_full((*query.shape[:3], value.shape[-1]), float("nan"))
+    return poisoned.index_copy(2, segments.query_index, out).transpose(1, 2)
 
 
 def _allowed(n_q: int, n_k: int, window: int | None, device) -> torch.Tensor | None:

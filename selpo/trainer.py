@@ -134,7 +134,7 @@ class Tally:
 
 
 def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, total: int, module: nn.Module,
-            objects: dict) -> int:
+            optimizer: torch.optim.Optimizer, objects: dict) -> int:
     """Loads the latest checkpoint of this same training (same fingerprint and length) into ``module``, its
     optimizer and ``objects``; returns its step."""
     found = checkpoint.latest(ckpt_dir)
@@ -148,7 +148,7 @@ def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, total: i
             shutil.rmtree(ckpt_dir)
         accelerator.wait_for_everyone()
         return 0
-    checkpoint.load(accelerator, folder, module, objects)
+    checkpoint.load(accelerator, folder, module, optimizer, objects)
     accelerator.print(f"resuming from {folder} (step {state['step']} of {total})")
     return state["step"]
 
@@ -315,7 +315,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, tokenizer, objective
         # Not prepared: Accelerate would step a prepared scheduler once per process; checkpointed by us.
         factor = functools.partial(warmup_cosine, warmup=math.ceil(config.warmup_ratio * total), total=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        start = _resume(own, out_dir / "checkpoints", fingerprint, total, module, {"scheduler": scheduler})
+        start = _resume(own, out_dir / "checkpoints", fingerprint, total, module, optimizer,
+                        {"scheduler": scheduler})
         with contextlib.ExitStack() as stack:
             log = stack.enter_context(_open_log(out_dir / "metrics.jsonl", start)) if accelerator.is_main_process \
                 else None

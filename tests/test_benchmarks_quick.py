@@ -171,6 +171,34 @@ def test_step_times_come_from_two_processes_per_variant_in_alternation(benchmark
     assert sum(mapped for _, _, mapped in calls) == len(results) == 4
 
 
+def test_a_failed_step_job_on_a_gpu_is_reported_and_the_others_kept(benchmarks_pkg, monkeypatch, tmp_path):
+    """On CUDA (a lease's minutes) a job that fails leaves the others' results and is named in the report, whose
+    ratios to a missing baseline read "-" (on an H200, 2026-12-04, one failed variant lost the part's finished ones)."""
+    from benchmarks import training_step
+
+    def fake(job, env):
+        if job["variant"] == "trl-liger":
+            raise RuntimeError("lora words lora trl-liger failed:\nImportError: liger-kernel is not available")
+        if job["variant"] == "trl" and job["checkpointing"]:
+            raise RuntimeError("lora words lora trl failed:\nRuntimeError: out of memory")
+        return {"times_s": [1.0], "peak_bytes": 2**30, "peak_extra_bytes": 2**29, "trained_params": 5}
+
+    monkeypatch.setattr(training_step, "measure_in_subprocess", fake)
+    size = training_step.Size(rounds=1)
+    results = training_step.run_all(training_step.jobs(["lora"], "cuda", size))
+    assert [(r["variant"], r["checkpointing"], "failed" in r) for r in results] == [
+        ("selpo", False, False), ("trl", False, False), ("trl-liger", False, True),
+        ("selpo", True, False), ("trl", True, True), ("trl-liger", True, True)]
+    out = tmp_path / "report.md"
+    monkeypatch.setattr(training_step.torch.cuda, "get_device_name", lambda: "a GPU")
+    training_step.write_report(results, "cuda", size, "cmd", str(out), {})
+    text = out.read_text()
+    assert "failed, left out: trl-liger (ImportError: liger-kernel is not available)" in text
+    assert "failed, left out: trl, checkpointing (RuntimeError: out of memory)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| selpo")]
+    assert len(rows) == 2 and "1.00×" in rows[0] and rows[1].count("| - |") == 3
+
+
 def _number(cell):
     """The number a table cell starts with ("1,656", "0.03 s", "453 MiB")."""
     return float(cell.split()[0].replace(",", ""))
@@ -289,10 +317,14 @@ def test_train_check_takes_bf16_rounding_and_flags_more(benchmarks_pkg, tmp_path
 
 
 def _write_run(runs, name, pairs):
-    """A finished run of `selpo compare` as compare_report reads it: eval's summary, samples and the config."""
+    """A finished run of `selpo compare` as compare_report reads it: eval's summary, samples, the config, and the
+    stages' DONE records (data 1 s, the method's own stages 10 s each, train 20 s with a 300 MiB peak)."""
     run = runs / name
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "DONE.json").write_text("{}")
+    for stage, seconds in (("data", 1), ("oracle", 10), ("score", 10), ("guidance", 10), ("train", 20)):
+        (run / stage).mkdir()
+        (run / stage / "DONE.json").write_text(json.dumps({"seconds": seconds, "summary": {"peak_memory_mib": 300}}))
     policy, initial = [p for p, _ in pairs], [i for _, i in pairs]
     results = {"initial": {"reward": sum(initial) / len(initial)},
                "policy": {"reward": sum(policy) / len(policy), "kl": 0.5, "implicit_accuracy": 0.6,
@@ -311,14 +343,21 @@ def test_compare_report_gives_each_gain_its_paired_standard_error(benchmarks_pkg
     runs = tmp_path / "compare" / "runs"
     _write_run(runs, "dpo-dpo.beta=0.1", [(0.5, 0.1), (0.6, 0.1), (0.7, 0.1), (0.4, 0.1)])  # gain 0.45
     _write_run(runs, "simpo-simpo.beta=2", [(0.2, 0.1), (0.0, 0.1), (0.2, 0.1), (0.0, 0.1)])  # gain 0.0
+    _write_run(runs, "sepo-sepo.gamma=2", [(0.1, 0.1), (0.3, 0.1)])
     (runs / "sepo-sepo.gamma=1" / "eval").mkdir(parents=True)  # eval not finished: left out
     rows, unfinished = compare_report.run_rows(tmp_path / "compare")
-    assert unfinished == 1 and [r["run"] for r in rows] == ["dpo-dpo.beta=0.1", "simpo-simpo.beta=2"]
-    dpo, simpo = rows
+    assert unfinished == 1
+    assert [r["run"] for r in rows] == ["dpo-dpo.beta=0.1", "sepo-sepo.gamma=2", "simpo-simpo.beta=2"]
+    dpo, _, simpo = rows
     assert dpo["gain"] == pytest.approx(0.45) and dpo["se"] == pytest.approx(0.12909944 / 2)  # sd(diffs) / sqrt(4)
     assert dpo["z"] > 3 and simpo["gain"] == pytest.approx(0.0) and simpo["z"] == pytest.approx(0.0)
     text = compare_report.report(tmp_path / "compare", tmp_path / "C.md", tmp_path / "f.png", "selpo compare")
     assert "Separated from the initial model: dpo-dpo.beta=0.1." in text and "1 not finished" in text
+    # the costs from each run's own records: no results.json (a comparison stopped at its limit, as on a GPU lease)
+    assert not (tmp_path / "compare" / "results.json").exists()
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[-3:] for line in text.splitlines()
+             if line.startswith(("| dpo", "| sepo", "| simpo"))}
+    assert table == {"dpo": ["20", "0", "300 |"], "sepo": ["20", "20", "300 |"], "simpo": ["20", "0", "300 |"]}
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -415,6 +454,20 @@ def test_gpu_check_rehearsal_runs_every_step(tmp_path):
         assert f"{r['case_id']} {r['impl']}: " in log
     assert all(r["status"] == "ok" for r in records if r["impl"] in ("naive", "trl-chunked", "floor"))
     assert "passed" in (out / "tests-cpu.log").read_text() and "| SePO loss" in (out / "ledger.md").read_text()
+
+
+def test_gpu_check_runs_only_the_chosen_steps(tmp_path):
+    """GPU_CHECK_STEPS empty: the set-up alone (a lease whose first call only installs the peers for the next)."""
+    tree, out = tmp_path / "tree", tmp_path / "out"
+    copy_of_the_working_tree(tree)
+    env = dict(os.environ, GPU_CHECK_REHEARSAL="1", GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_STEPS="",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert log.rstrip().endswith("exit codes: setup:0") and "== SePO loss" not in log
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.log"]
 
 
 def test_trl_fused_head_is_selectable_and_paired(benchmarks_pkg):

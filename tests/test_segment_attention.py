@@ -271,6 +271,19 @@ def test_outputs_start_poisoned(stand_in_flash, path):
     assert out[:, cut:].isnan().all() and torch.isfinite(out[:, :cut]).all()
 
 
+def test_the_blockwise_path_returns_the_kernels_dtype(monkeypatch):
+    """Under CUDA's autocast SDPA returns bf16 for float32 queries (rotary embeddings promote them); the output
+    takes SDPA's dtype instead of failing to copy bf16 into a float32 buffer (seen on an H200, 2026-12-04)."""
+    sdpa = sa.F.scaled_dot_product_attention
+    monkeypatch.setattr(sa.F, "scaled_dot_product_attention", lambda *a, **k: sdpa(*a, **k).bfloat16())
+    segments, pos, dense = layout("shared")
+    q, k, v = inputs(segments.length)
+    out = sa._blockwise(q, k, v, segments, sink=None, scaling=0.3, dropout=0.0, window=None, softcap=None)
+    assert out.dtype == torch.bfloat16
+    expected = reference(q, k, v, dense, pos, scaling=0.3)
+    assert torch.allclose(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_what_the_layout_cannot_follow_raises():
     segments, _, _ = layout("shared")
     q, k, v = inputs(segments.length)
