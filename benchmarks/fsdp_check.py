@@ -7,12 +7,14 @@ So the tests run DDP on CPU (tests/test_trainer.py) and this check runs FSDP whe
 GPUs (one on the machine the GPU script runs on: FSDP's wrapping, gathering and sharded checkpoints then run, with
 nothing to shard across):
 
-    python -m benchmarks.fsdp_check OUT [--fsdp-version 1|2] [--processes N]
+    python -m benchmarks.fsdp_check OUT [--fsdp-version 1|2] [--processes N] [--lora]
 
 It trains a tiny random Llama with DPO (torch backend, float32, deterministic algorithms) three ways: without
 FSDP in this process; then under ``accelerate launch --use_fsdp``, once whole and once killed after step 3 and
 resumed from its step-2 checkpoint. The FSDP weights must match the plain ones within float32 rounding and the
-resumed ones the whole run's exactly. Prints a verdict per check; exits with status 1 if one fails.
+resumed ones the whole run's exactly. With ``--lora`` each training trains a LoRA adapter (rank 4 on the default
+targets) and the weights compared are the saved adapter's. Prints a verdict per check; exits with status 1 if one
+fails.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _setup() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def train_tiny(accelerator, folder: Path, out: Path, on_step=None) -> None:
-    """DPO on 16 random pairs, global batch 8 (micro-batches of 2), checkpoints every 2 steps; model in out/model."""
+def train_tiny(accelerator, folder: Path, out: Path, lora: bool, on_step=None) -> None:
+    """DPO on 16 random pairs, global batch 8 (micro-batches of 2), checkpoints every 2 steps, a LoRA adapter or
+    every weight trained; model (or adapter) in out/model."""
     from selpo.batches import Example
     from selpo.config import LoopConfig
     from selpo.data import TokenizedPair
@@ -55,7 +58,8 @@ def train_tiny(accelerator, folder: Path, out: Path, on_step=None) -> None:
     examples = [Example(TokenizedPair(ids(12), ids(20), ids(16), row=i)) for i in range(16)]
     examples = with_reference_logps(accelerator, model, examples, pad_id=tokenizer.pad_token_id, batch_size=4,
                                     backend="torch")
-    loop = LoopConfig(batch_size=8, micro_batch_size=2, lr=1e-3, max_steps=STEPS, save_every=2, warmup_ratio=0.2)
+    loop = LoopConfig(batch_size=8, micro_batch_size=2, lr=1e-3, max_steps=STEPS, save_every=2, warmup_ratio=0.2,
+                      lora_rank=4 if lora else 0, lora_dropout=0.0)
     train(accelerator, model, tokenizer, DPO(beta=0.5, backend="torch"), examples, loop, out, seed=3,
           fingerprint="fsdp-check", on_step=on_step)
 
@@ -65,7 +69,7 @@ def _kill(step: int) -> None:
         raise Killed
 
 
-def run_fsdp(folder: Path, out: Path) -> None:
+def run_fsdp(folder: Path, out: Path, lora: bool) -> None:
     """In the processes of ``accelerate launch --use_fsdp``: the whole training, then the killed and resumed one."""
     from accelerate.utils import DistributedType
 
@@ -77,13 +81,13 @@ def run_fsdp(folder: Path, out: Path) -> None:
     accelerator.print(f"distributed type {accelerator.distributed_type}, {accelerator.num_processes} process(es)")
     if accelerator.distributed_type != DistributedType.FSDP:
         raise SystemExit(f"not running under FSDP: {accelerator.distributed_type}")
-    train_tiny(accelerator, folder, out / "fsdp-whole")
+    train_tiny(accelerator, folder, out / "fsdp-whole", lora)
     try:
-        train_tiny(accelerator, folder, out / "fsdp-resumed", on_step=_kill)
+        train_tiny(accelerator, folder, out / "fsdp-resumed", lora, on_step=_kill)
         raise SystemExit(f"the training was not killed at step {KILL_AT}")
     except Killed:
         pass
-    train_tiny(accelerator, folder, out / "fsdp-resumed")
+    train_tiny(accelerator, folder, out / "fsdp-resumed", lora)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -104,10 +108,11 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--fsdp-version", type=int, choices=(1, 2), default=1)
     parser.add_argument("--processes", type=int, default=max(1, torch.cuda.device_count()))
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
     parser.add_argument("--worker", type=Path, help="(internal) the tiny model folder: run the FSDP trainings here")
     args = parser.parse_args()
     if args.worker:
-        run_fsdp(args.worker, args.out)
+        run_fsdp(args.worker, args.out, args.lora)
         return 0
 
     from selpo.config import RunConfig
@@ -117,7 +122,7 @@ def main() -> int:
     _setup()
     args.out.mkdir(parents=True, exist_ok=True)
     folder = Path(tiny_model_dir(args.out))
-    train_tiny(make_accelerator(RunConfig(device="cuda", precision="no")), folder, args.out / "plain")
+    train_tiny(make_accelerator(RunConfig(device="cuda", precision="no")), folder, args.out / "plain", args.lora)
     with socket.socket() as s:  # a free port for the processes' rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -127,18 +132,21 @@ def main() -> int:
                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
                "LlamaDecoderLayer", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
                "--fsdp_cpu_ram_efficient_loading", "false", "-m", "benchmarks.fsdp_check", str(args.out),
-               "--worker", str(folder)]
+               "--worker", str(folder)] + (["--lora"] if args.lora else [])
     done = subprocess.run(command)
     if done.returncode != 0:
         print(f"FSDP{args.fsdp_version}: the launched training failed (exit code {done.returncode})")
         return 1
     plain, whole, resumed = (_weights(args.out / name / "model") for name in ("plain", "fsdp-whole", "fsdp-resumed"))
-    if _max_diff(plain, _weights(folder)) < 1e-3:
+    moved = (max(float(v.abs().max()) for k, v in plain.items() if "lora_B" in k) if args.lora else
+             _max_diff(plain, _weights(folder)))  # an adapter's B starts at 0
+    if moved < 1e-3:
         print("the plain training did not move the weights: nothing is compared")
         return 1
     fsdp_vs_plain, resumed_vs_whole = _max_diff(whole, plain), _max_diff(resumed, whole)
     agree = all(torch.allclose(whole[k], plain[k], atol=2e-5, rtol=1e-4) for k in plain)
-    print(f"FSDP{args.fsdp_version}, {args.processes} process(es), {STEPS} steps: max |FSDP - plain| = "
+    print(f"FSDP{args.fsdp_version}{' LoRA' if args.lora else ''}, {args.processes} process(es), {STEPS} steps: "
+          f"max |FSDP - plain| = "
           f"{fsdp_vs_plain:.2e} ({'ok' if agree else 'NO'}: atol 2e-5, rtol 1e-4); max |resumed after a kill at "
           f"step {KILL_AT} - whole| = {resumed_vs_whole:.2e} ({'ok' if resumed_vs_whole == 0 else 'NO'}: exact)")
     return 0 if agree and resumed_vs_whole == 0 else 1

@@ -37,9 +37,10 @@
 #      selected tokens; their first 3 losses must agree within the bf16 tolerance of benchmarks/train_check.py
 #      (train-check.md). Prediction 120 s (four processes, four trainings of 3 steps, eval on 8 prompts);
 #      limit 240 s.
-#   2. FSDP (fsdp_version 1, then 2) under Accelerate on the GPUs there are (one here: the wrapping, gathering and
-#      sharded checkpoints run with nothing to shard) against the same training without it, and exact resume after
-#      a kill (benchmarks/fsdp_check.py, tiny model). Prediction 40 s each; limit 60 s each.
+#   2. FSDP (fsdp_version 1, then 2, then a LoRA adapter under 2 and under 1) under Accelerate on the GPUs there are
+#      (one here: the wrapping, gathering and sharded checkpoints run with nothing to shard) against the same
+#      training without it, and exact resume after a kill (benchmarks/fsdp_check.py, tiny model). 33-36 s each on
+#      the H200 (2026-12-04); limit 60 s each, each while 60 s are left.
 #   3. `selpo compare` at a budget that can separate the methods: all 320 training pairs, one epoch of batch 8 (40
 #      steps) at lr 1e-5 (twice the default, so that 40 steps move a policy about as far as 80 would at 5e-6; the
 #      CPU comparison's 16 steps at 5e-6 gained at most +0.04 against a standard error of 0.06, COMPARE-cpu.md),
@@ -127,12 +128,14 @@ fi
 
 # 2. FSDP on the GPU(s), against the same training without it; exact resume.
 if has fsdp && [ "$device" = cuda ] && [ "$(left)" -gt 60 ]; then
-    for version in 1 2; do
+    for run in "1" "2" "2 --lora" "1 --lora"; do
+        [ "$(left)" -gt 60 ] || break
         part=$SECONDS
-        timeout "$(within 60)" python3 -m benchmarks.fsdp_check "$work/fsdp$version" --fsdp-version $version \
+        # shellcheck disable=SC2086  # $run is the version and the flag, split on purpose
+        timeout "$(within 60)" python3 -m benchmarks.fsdp_check "$work/fsdp${run// /}" --fsdp-version $run \
             >> "$log" 2>&1
-        echo "fsdp_check (FSDP$version) exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
-        grep "^FSDP$version" "$log" | tail -n 1
+        echo "fsdp_check (FSDP$run) exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
+        grep "^FSDP${run%% *}" "$log" | tail -n 1
     done
 fi
 

@@ -153,35 +153,40 @@ def adapts(model: nn.Module, base: str) -> bool:
     return named is not None and Path(named).resolve() == Path(base).resolve()
 
 
-def save_adapter(model: nn.Module, tokenizer, out: Path) -> None:
+def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], tokenizer, out: Path) -> None:
     """Writes ``model``'s adapter (and the tokenizer) into the folder ``out``, which ``PeftModel.from_pretrained``
-    and ``selpo.models.load_causal_lm`` read back onto the base: no base weight in it."""
-    _peft(model).save_pretrained(str(out))
+    and ``selpo.models.load_causal_lm`` read back onto the base: no base weight in it. ``state``: the model's full
+    state dict (``Accelerator.get_state_dict``, which gathers FSDP's shards), where the adapter's values are read."""
+    peft = _peft(model)
+    peft.save_pretrained(str(out), state_dict={f"base_model.model.{k}": v for k, v in state.items()})
     tokenizer.save_pretrained(out)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s weights under the names of the model without its adapter, each adapted layer's base weight plus
-    its LoRA update (PEFT's ``get_delta_weight``), a reward head its trained copy. Computed beside the model: the
-    model itself is left as it is (an in-place merge and unmerge would round its base weights)."""
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the names of the model without its adapter, from its full ``state`` (as
+    ``save_adapter`` reads it): each adapted layer's base weight plus its LoRA update (PEFT's ``get_delta_weight``
+    for a linear layer: B A, transposed for a fan-in-fan-out layer, times the scaling; here in float32), a reward
+    head its trained copy. Computed beside the model: the model is left as it is (an in-place merge and unmerge
+    would round its base weights)."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     adapter = _peft(model).active_adapter
-    state, replaced = {}, []
+    merged, replaced = {}, []
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer):
-                base = module.get_base_layer()
-                state[f"{name}.weight"] = base.weight + module.get_delta_weight(adapter).to(base.weight.dtype)
-                if getattr(base, "bias", None) is not None:
-                    state[f"{name}.bias"] = base.bias
+                weight = state[f"{name}.base_layer.weight"]
+                a, b = (state[f"{name}.lora_{x}.{adapter}.weight"].float() for x in "AB")
+                delta = (b @ a) * module.scaling[adapter]
+                merged[f"{name}.weight"] = weight + (delta.T if module.fan_in_fan_out else delta).to(weight.dtype)
+                if f"{name}.base_layer.bias" in state:
+                    merged[f"{name}.bias"] = state[f"{name}.base_layer.bias"]
             elif isinstance(module, ModulesToSaveWrapper):
-                state.update({f"{name}.{k}": v for k, v in module.modules_to_save[adapter].state_dict().items()})
+                kept = f"{name}.modules_to_save.{adapter}."
+                merged.update({f"{name}.{k.removeprefix(kept)}": v for k, v in state.items() if k.startswith(kept)})
             else:
                 continue
             replaced.append(f"{name}.")
-        for key, value in model.state_dict().items():
-            if not key.startswith(tuple(replaced)):
-                state[key] = value
-    return state
+        merged.update({k: v for k, v in state.items() if not k.startswith(tuple(replaced))})
+    return merged

@@ -179,25 +179,26 @@ def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
 
 def save_model(accelerator: Accelerator, module: torch.nn.Module, tokenizer, out: Path, *,
                merged: Path | None = None) -> None:
-    """``save_pretrained`` of the trained model (and tokenizer) into ``out``, atomically, from the full state.
+    """``save_pretrained`` of the trained model (and tokenizer) into ``out``, atomically, from the full state
+    (FSDP's shards gathered).
 
     A LoRA model (``selpo.lora``) is saved as its adapter folder, and with ``merged`` also as the full folder
-    ``merged``, base and adapter folded together (from the main process's copy: FSDP's shards are not gathered).
+    ``merged``, base and adapter folded together.
     """
     lm = accelerator.unwrap_model(module).lm
-    if lora.has_adapter(lm):
-        if accelerator.is_main_process:
-            _write_folder(out, lambda tmp: lora.save_adapter(lm, tokenizer, tmp))
-            if merged is not None:
-                state = lora.merged_state_dict(lm)
-                _write_folder(merged, lambda tmp: (lm.save_pretrained(tmp, state_dict=state),
-                                                   tokenizer.save_pretrained(tmp)))
-        accelerator.wait_for_everyone()
-        return
     state = accelerator.get_state_dict(module)  # gathers FSDP shards; every process must call it
     if accelerator.is_main_process:
-        state = _without_tied_copy(lm, {k.removeprefix("lm."): v for k, v in state.items()})
-        _write_folder(out, lambda tmp: (lm.save_pretrained(tmp, state_dict=state), tokenizer.save_pretrained(tmp)))
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        if lora.has_adapter(lm):
+            _write_folder(out, lambda tmp: lora.save_adapter(lm, state, tokenizer, tmp))
+            if merged is not None:
+                full = _without_tied_copy(lm, lora.merged_state_dict(lm, state))
+                _write_folder(merged, lambda tmp: (lm.save_pretrained(tmp, state_dict=full),
+                                                   tokenizer.save_pretrained(tmp)))
+        else:
+            state = _without_tied_copy(lm, state)
+            _write_folder(out, lambda tmp: (lm.save_pretrained(tmp, state_dict=state),
+                                            tokenizer.save_pretrained(tmp)))
     accelerator.wait_for_everyone()
 
 

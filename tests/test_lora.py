@@ -337,3 +337,40 @@ def test_lean_mlp_over_frozen_weights_runs_no_weight_gradient_gemm():
         grads[trained] = h.grad
     assert counts[False] == counts[True] - 3, counts
     torch.testing.assert_close(grads[False], grads[True], atol=0, rtol=0)
+
+
+def test_the_adapter_and_the_merged_model_are_saved_from_the_gathered_state(tiny, accelerator, tmp_path,
+                                                                             monkeypatch):
+    """Under FSDP a process's own weights are shards; ``save_model`` writes the adapter and the merged folder from
+    the state ``Accelerator.get_state_dict`` gathers. Here the gathered state is a snapshot and the model's own
+    weights are then spoiled: both folders must hold the snapshot's adapter, and the merged one PEFT's merge of it."""
+    from selpo.trainer import save_model
+
+    model, tokenizer = _adapted(tiny[0])
+    peft = lora._peft(model)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {f"{name}.weight": module.get_delta_weight("default") + module.get_base_layer().weight.detach()
+                for name, module in model.named_modules() if hasattr(module, "get_delta_weight")}
+    ids = torch.tensor([[5, 9, 3, 7, 11, 2]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    module = torch.nn.Module()
+    module.lm = model
+    monkeypatch.setattr(accelerator, "get_state_dict", lambda m: {f"lm.{k}": v for k, v in snapshot.items()})
+    save_model(accelerator, module, tokenizer, tmp_path / "adapter", merged=tmp_path / "merged")
+
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    state = peft.state_dict()
+    assert adapter and all(torch.equal(v, snapshot[k.removeprefix("base_model.model.").replace(
+        ".weight", ".default.weight")]) for k, v in adapter.items()), sorted(adapter)[:4]
+    assert len(adapter) == sum("lora_" in k for k in state)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    weights = dict(merged.named_parameters())
+    for key, value in expected.items():
+        torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=0)
+    reloaded, _ = load_causal_lm(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, atol=1e-5, rtol=0)
