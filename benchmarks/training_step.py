@@ -600,8 +600,30 @@ def attention_check(device: str, size: Size) -> list[dict]:
         if result["path"] in runs:
             times = [t for t, _ in runs[result["path"]]]
             result.update(median_s=statistics.median(times), times_s=times,
-                          peak_extra_bytes=max(peak for _, peak in runs[result["path"]]))
+                          peak_extra_bytes=max(peak for _, peak in runs[result["path"]]),
+                          **profiled(step, result["path"], cuda))
     return results
+
+
+def profiled(step, path: str, cuda: bool) -> dict:
+    """One more step of ``path`` under torch's profiler: its wall time, and on CUDA the kernels it launched and the
+    time they kept the GPU busy (their intervals merged), which say whether the step waits on the GPU's arithmetic or
+    on the host's launches; and the operators by their own time (device on CUDA, host on CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        seconds, _ = step(path)
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, end = 0, None
+    for start, stop in kernels:  # the union of the intervals
+        if end is None or start > end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=15, max_name_column_width=60)
+    return {"profile": {"wall_s": seconds, "kernels": len(kernels), "busy_s": busy / 1e6, "table": table}}
 
 
 def attention_report(results: list[dict], device: str, size: Size, command: str, path: str) -> None:
@@ -628,6 +650,17 @@ def attention_report(results: list[dict], device: str, size: Size, command: str,
         lines.append(f"| {r['path']} | {r['max_gap']:.4f} | {'yes' if r['ok'] else '**NO**'} | "
                      f"{r['max_error']:.4f} / {r['mean_error']:.5f} | {r['median_s'] * 1e3:.1f} ms | "
                      f"{r['median_s'] / padded['median_s']:.2f}× | {peak} | {counts} |")
+    lines += ["", "## One more step of each path under torch's profiler", "",
+              "GPU busy: the union of its kernels' intervals, against the step's wall time: far below it, the step "
+              "waits on the host (launches, Python, synchronizations) rather than on the GPU's arithmetic." if
+              device == "cuda" else "On CPU the operators by their own host time."]
+    for r in results:
+        if "profile" not in r:
+            continue
+        p = r["profile"]
+        busy = (f", {p['kernels']:,} kernels, GPU busy {p['busy_s'] * 1e3:.1f} ms ({p['busy_s'] / p['wall_s']:.0%})"
+                if device == "cuda" else "")
+        lines += ["", f"### {r['path']}: {p['wall_s'] * 1e3:.1f} ms{busy}", "", "```", p["table"].rstrip(), "```"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

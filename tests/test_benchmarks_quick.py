@@ -277,6 +277,8 @@ def test_attention_check_rehearses_on_cpu(tmp_path):
                                                                                   or line.startswith("| shared-"))}
     assert list(rows) == ["| padded-sdpa", "| shared-sdpa"]
     assert all(r[2] == "yes" and float(r[4].removesuffix(" ms")) > 0 for r in rows.values())
+    profiles = text.split("## One more step of each path under torch's profiler")[1]  # each path's operators
+    assert "### padded-sdpa: " in profiles and "### shared-sdpa: " in profiles and profiles.count("aten::mm") == 2
 
 
 def test_attention_check_fails_on_a_wrong_path(benchmarks_pkg, tmp_path, monkeypatch):
