@@ -32,6 +32,9 @@
 #      (8.8 TFLOP for the padded one) at 0.1-0.3 s each; limit 150 s. It runs first, as
 #      it never ran on a GPU: it leaves the trainer's check its predicted time, but FSDP2 (part 2) may then find less
 #      than its 60 s left (GPU-NOTES.md). Rehearsed on CPU (the tiny model) by the dry run of GPU-NOTES.md.
+#      Measured on an H200 (2026-12-04): 75 s. Then, while 240 s are left, the same check on a random model with
+#      Llama 3.2 1B's body sizes (`--wide`, layouts-attention-wide.md; prediction 90 s: 15 s to build and save its
+#      4.9 GB, 40 s of compiles, padded steps of about 65 TFLOP at 0.1-0.2 s).
 #   1. `selpo run` (SePO: oracle, score, policy, eval, report) in bf16 autocast with the triton backend, 3 steps of
 #      each training, then the oracle and the policy again with the torch backend from the same data and the same
 #      selected tokens; their first 3 losses must agree within the bf16 tolerance of benchmarks/train_check.py
@@ -53,8 +56,8 @@
 #      checkpointing and TRL also with Liger's kernels (benchmarks/training_step.py --part lora, then --part dpo,
 #      into one RESULTS-step-cuda.md: a part cut off by the time limit leaves the one before it). Prediction 2
 #      minutes per part (six processes each).
-# Everything the call returns is under OUT_DIR: gpu-train.log (all output), layouts-attention.md, train-check.md,
-# COMPARE-cuda.md, compare-frontier-cuda.png, RESULTS-step-cuda.md.
+# Everything the call returns is under OUT_DIR: gpu-train.log (all output), layouts-attention.md,
+# layouts-attention-wide.md, train-check.md, COMPARE-cuda.md, compare-frontier-cuda.png, RESULTS-step-cuda.md.
 set -uo pipefail
 out=${1:-benchmarks/gpu-train}
 total=${2:-300}
@@ -97,6 +100,12 @@ if has layouts && [ "$(left)" -gt 60 ]; then
     timeout "$(within 150)" python3 -m benchmarks.training_step --part attention --device "$device" "${tiny[@]}" \
         --out "$out/layouts-attention.md" >> "$log" 2>&1
     echo "layouts attention check exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
+    if [ "$device" = cuda ] && [ "$(left)" -gt 240 ]; then  # a body whose GEMMs, not launches, set the step's time
+        part=$SECONDS
+        timeout "$(within 150)" python3 -m benchmarks.training_step --part attention --device cuda --wide \
+            --out "$out/layouts-attention-wide.md" >> "$log" 2>&1
+        echo "layouts attention check (--wide) exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
+    fi
 fi
 
 # 1. The trainer on the GPU: bf16 autocast, triton against torch.

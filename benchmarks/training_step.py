@@ -119,6 +119,30 @@ class Size:
     dialogue: DialogueShape = DialogueShape()
 
 
+# --wide: a random Llama with Llama 3.2 1B's body sizes (1.2B parameters with SmolLM2's 49,152-token vocabulary, tied
+# head) for the attention check on a GPU. SmolLM2's step there took about 9x what its FLOPs need at the card's
+# matmul rate (GPU-NOTES.md, the lease of 2026-12-04 16:26): launches set its time, so the shared layout's fewer
+# tokens showed as memory only; a body this size is set by its GEMMs.
+WIDE_BODY = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, max_position_embeddings=4096)
+
+
+def wide_model(folder: str) -> str:
+    """The ``--wide`` model (``WIDE_BODY``, random, seeded) saved in ``folder``, with SmolLM2's tokenizer."""
+    from selpo.models import load_tokenizer
+    from selpo.testing import tiny_model_dir
+
+    return tiny_model_dir(folder, tokenizer=load_tokenizer("default"), body=WIDE_BODY, name="wide-llama")
+
+
+def model_name(size: Size) -> str:
+    if size.model == "default":
+        return "SmolLM2-135M-Instruct"
+    if os.path.basename(size.model) == "wide-llama":
+        return "a random Llama (" + ", ".join(f"{k} {v}" for k, v in WIDE_BODY.items()) + "; SmolLM2's tokenizer)"
+    return size.model
+
+
 def tiny_size(folder: str) -> Size:
     """The toy size of ``--tiny``: selpo's tiny random Llama (built into ``folder``), 2 pairs of 8 + 16 tokens."""
     from selpo.testing import tiny_model_dir
@@ -632,7 +656,7 @@ def attention_report(results: list[dict], device: str, size: Size, command: str,
         " flash-attn's path did not run: " + ("flash-attn is not importable here." if device == "cuda"
                                               else "it runs on CUDA only, as compiled flex does."))
     lines = [f"# The shared layout's attention paths against padded SDPA ({device}, bf16 autocast)", "",
-             f"- {run_line(device, command)}",
+             f"- {run_line(device, command)}", f"- model: {model_name(size)}",
              f"- batch: the first {size.pairs} dialogues of benchmarks/dialogue_data.py (seed 0, {size.dialogue}); "
              f"log-probs of every response token; step: forward + backward of their sum (no optimizer), median of "
              f"{2 * size.rounds} runs per path in alternation after a warm-up"
@@ -823,7 +847,7 @@ def layout_label(result: dict) -> str:
 
 def write_report(results: list[dict], device: str, size: Size, command: str, path: str, layouts: dict) -> None:
     """The report of ``results``' parts; the sections of other parts already in ``path`` are kept."""
-    model = "SmolLM2-135M-Instruct" if size.model == "default" else size.model
+    model = model_name(size)
     run = f"- {run_line(device, command)}"
     sections = {}
     for part, section in (("sepo", sepo_section), ("dpo", dpo_section), ("lora", lora_section),
@@ -879,6 +903,8 @@ def main() -> None:
     parser.add_argument("--dialogue", choices=SHAPES, default="full", help="the dialogues' shape (half: the CPU's)")
     parser.add_argument("--rounds", type=int, help="timed steps per measuring process (default 3; --tiny: 1)")
     parser.add_argument("--tiny", action="store_true", help="toy model and batch, to check the code in seconds")
+    parser.add_argument("--wide", action="store_true", help="the attention part on a random model with Llama 3.2 "
+                                                             "1B's body sizes (WIDE_BODY) instead of SmolLM2")
     parser.add_argument("--out", help="report file (default benchmarks/RESULTS-step.md, -cuda.md on a GPU; "
                                       "RESULTS-attention-DEVICE.md for the attention part)")
     parser.add_argument("--measure", metavar="JOB", help="measure one job (JSON) in this process (used internally)")
@@ -899,6 +925,10 @@ def main() -> None:
     command = ("python -m benchmarks.training_step " + " ".join(sys.argv[1:])).strip()
     with tempfile.TemporaryDirectory() as folder:
         size = tiny_size(folder) if args.tiny else Size()
+        if args.wide:
+            if parts != ["attention"]:
+                parser.error("--wide applies to --part attention")
+            size = replace(size, model=wide_model(folder))
         size = replace(size, dialogue=SHAPES[args.dialogue], rounds=args.rounds or size.rounds)
         if parts == ["attention"]:
             results = attention_check(args.device, size)

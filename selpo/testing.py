@@ -44,23 +44,28 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_model_dir(tmp_dir: str | os.PathLike, *, tokenizer=None, tie_word_embeddings: bool = True,
-                   seed: int = 0) -> str:
-    """Saves a tiny randomly initialised LlamaForCausalLM (hidden 32, 2 layers, 2 heads) for fast tests.
+TINY_BODY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=1024)
 
-    Uses ``tiny_tokenizer()`` unless a tokenizer is given; returns the folder (``tmp_dir/tiny-llama``).
+
+def tiny_model_dir(tmp_dir: str | os.PathLike, *, tokenizer=None, tie_word_embeddings: bool = True,
+                   seed: int = 0, body: dict | None = None, name: str = "tiny-llama") -> str:
+    """Saves a randomly initialised LlamaForCausalLM, by default tiny (``TINY_BODY``: hidden 32, 2 layers, 2 heads)
+    for fast tests; ``body`` replaces those sizes (a benchmark's larger random model).
+
+    Uses ``tiny_tokenizer()`` unless a tokenizer is given; returns the folder (``tmp_dir/name``).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer() if tokenizer is None else tokenizer
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), **(TINY_BODY if body is None else body),
+                         tie_word_embeddings=tie_word_embeddings,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    folder = Path(tmp_dir) / "tiny-llama"
+    folder = Path(tmp_dir) / name
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

@@ -281,6 +281,27 @@ def test_attention_check_rehearses_on_cpu(tmp_path):
     assert "### padded-sdpa: " in profiles and "### shared-sdpa: " in profiles and profiles.count("aten::mm") == 2
 
 
+def test_the_attention_check_runs_on_the_wide_random_model(benchmarks_pkg, tmp_path, monkeypatch):
+    """``--wide`` builds the random Llama of ``WIDE_BODY`` (here made small) with the default model's tokenizer (here
+    the tiny one) and checks the paths on it; the report names it; other parts refuse the flag."""
+    import selpo.models
+    from benchmarks import training_step
+    from selpo.testing import TINY_BODY, tiny_tokenizer
+
+    monkeypatch.setattr(training_step, "WIDE_BODY", {**TINY_BODY, "hidden_size": 48, "num_hidden_layers": 3})
+    monkeypatch.setattr(selpo.models, "load_tokenizer", lambda name: tiny_tokenizer())
+    out = tmp_path / "wide.md"
+    monkeypatch.setattr(sys, "argv", ["training_step", "--part", "attention", "--device", "cpu", "--tiny", "--wide",
+                                      "--out", str(out)])
+    training_step.main()
+    text = out.read_text()
+    assert "- model: a random Llama (hidden_size 48, " in text and "num_hidden_layers 3" in text
+    assert text.count(" | yes | ") == 2
+    monkeypatch.setattr(sys, "argv", ["training_step", "--part", "dpo", "--wide"])
+    with pytest.raises(SystemExit):
+        training_step.main()
+
+
 def test_attention_check_fails_on_a_wrong_path(benchmarks_pkg, tmp_path, monkeypatch):
     """The check reads the log-probs: a shared path that attends wrongly (here, every block without its prompt)
     is outside the tolerance."""
