@@ -76,10 +76,14 @@ def test_an_fsdp1_resume_restores_the_optimizer_and_continues_exactly(gloo, tmp_
                      auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}))
         return model, torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, foreach=True)  # built after wrapping
 
-    def step(model, optimizer, i):
-        optimizer.zero_grad()
-        ((model(x[i]) - y[i]) ** 2).mean().backward()
-        optimizer.step()
+    def steps(model, optimizer, which):
+        for i in which:
+            optimizer.zero_grad()
+            ((model(x[i]) - y[i]) ** 2).mean().backward()
+            optimizer.step()
+
+    def state(optimizer):
+        return [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
 
     def weights(model):
         with FSDP.summon_full_params(model):
@@ -90,13 +94,11 @@ def test_an_fsdp1_resume_restores_the_optimizer_and_continues_exactly(gloo, tmp_
                                    optim_state_dict_config=ShardedOptimStateDictConfig(offload_to_cpu=True))
     accelerator = types.SimpleNamespace(process_index=0, is_main_process=True, wait_for_everyone=lambda: None)
     model, optimizer = wrapped()
-    for i in range(2):
-        step(model, optimizer, i)
+    steps(model, optimizer, range(2))
     fsdp_utils.save_fsdp_model(plugin, accelerator, model, str(tmp_path))
     fsdp_utils.save_fsdp_optimizer(plugin, accelerator, optimizer, model, str(tmp_path))
-    saved = [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
-    for i in range(2, 5):
-        step(model, optimizer, i)
+    saved = state(optimizer)
+    steps(model, optimizer, range(2, 5))
     whole = weights(model)
 
     model, optimizer = wrapped()
@@ -105,9 +107,8 @@ def test_an_fsdp1_resume_restores_the_optimizer_and_continues_exactly(gloo, tmp_
         assert all(torch.equal(v, weights(model)[k]) for k, v in weights(wrapped()[0]).items())  # not moved
     fsdp_utils.load_fsdp_model(plugin, accelerator, model, str(tmp_path))
     fsdp_utils.load_fsdp_optimizer(plugin, accelerator, optimizer, model, str(tmp_path))
-    loaded = [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
-    for i in range(2, 5):
-        step(model, optimizer, i)
+    loaded = state(optimizer)
+    steps(model, optimizer, range(2, 5))
     resumed = weights(model)
     if fresh_state == "none":  # Accelerate's loader alone: nothing came back (once this fails, Accelerate fills a
         # fresh optimizer itself and init_optimizer_state can go)
