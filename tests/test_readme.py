@@ -79,3 +79,21 @@ def test_the_link_check_sees_a_dead_link(tmp_path):
     assert links(page) == [("ok", "page.md", "a-page"), ("dead", "missing.md", ""), ("bad anchor", "page.md", "nope")]
     assert anchors(page) == {"a-page"}
     assert slug("Comparing the methods: `selpo compare`") == "comparing-the-methods-selpo-compare"
+
+
+def set_options(page: Path) -> list[str]:
+    """The ``key=value`` of every ``--set`` in the page's code blocks."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S)
+    return [item for block in blocks for item in re.findall(r"--set\s+(\S+)", block)]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if set_options(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_commands_set_options_selpo_takes(page):
+    """Each `--set key=value` a page's commands show names an option and a value selpo accepts (the README's LoRA
+    and report_to line among them), as `selpo run` checks them before any work."""
+    from selpo.config import RunConfig, apply_overrides
+
+    for item in set_options(page):
+        apply_overrides(RunConfig(), [item])
+    with pytest.raises(ValueError, match="lora_rnk"):
+        apply_overrides(RunConfig(), ["train.lora_rnk=16"])
