@@ -34,7 +34,7 @@
 #      than its 60 s left (GPU-NOTES.md). Rehearsed on CPU (the tiny model) by the dry run of GPU-NOTES.md.
 #      Measured on an H200 (2026-12-04): 75 s. Then, while 240 s are left, the same check on a random model with
 #      Llama 3.2 1B's body sizes (`--wide`, layouts-attention-wide.md; prediction 90 s: 15 s to build and save its
-#      4.9 GB, 40 s of compiles, padded steps of about 65 TFLOP at 0.1-0.2 s).
+#      4.3 GB, 40 s of compiles, padded steps of about 65 TFLOP at 0.1-0.2 s).
 #   1. `selpo run` (SePO: oracle, score, policy, eval, report) in bf16 autocast with the triton backend, 3 steps of
 #      each training, then the oracle and the policy again with the torch backend from the same data and the same
 #      selected tokens; their first 3 losses must agree within the bf16 tolerance of benchmarks/train_check.py

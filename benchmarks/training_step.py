@@ -119,7 +119,7 @@ class Size:
     dialogue: DialogueShape = DialogueShape()
 
 
-# --wide: a random Llama with Llama 3.2 1B's body sizes (1.2B parameters with SmolLM2's 49,152-token vocabulary, tied
+# --wide: a random Llama with Llama 3.2 1B's body sizes (1.07B parameters with SmolLM2's 49,152-token vocabulary, tied
 # head) for the attention check on a GPU. SmolLM2's step there took about 9x what its FLOPs need at the card's
 # matmul rate (GPU-NOTES.md, the lease of 2026-12-04 16:26): launches set its time, so the shared layout's fewer
 # tokens showed as memory only; a body this size is set by its GEMMs.
