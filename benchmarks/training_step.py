@@ -121,8 +121,9 @@ class Size:
 
 # --wide: a random Llama with Llama 3.2 1B's body sizes (1.07B parameters with SmolLM2's 49,152-token vocabulary, tied
 # head) for the attention check on a GPU. SmolLM2's step there took about 9x what its FLOPs need at the card's
-# matmul rate (GPU-NOTES.md, the lease of 2026-12-04 16:26): launches set its time, so the shared layout's fewer
-# tokens showed as memory only; a body this size is set by its GEMMs.
+# matmul rate (GPU-NOTES.md, the lease of 2026-12-04 16:26): something other than its GEMMs set its time (launches
+# and small kernels, by the counts; the check's profile is to tell), and the shared layout's fewer tokens showed as
+# memory only. A body this size should be set by its GEMMs (a prediction).
 WIDE_BODY = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, max_position_embeddings=4096)
 
