@@ -639,16 +639,21 @@ def profiled(step, path: str, cuda: bool) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         seconds, _ = step(path)
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
-    busy, end = 0, None
-    for start, stop in kernels:  # the union of the intervals
-        if end is None or start > end:
-            busy, end = busy + stop - start, stop
-        elif stop > end:
-            busy, end = busy + stop - end, stop
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=15, max_name_column_width=60)
-    return {"profile": {"wall_s": seconds, "kernels": len(kernels), "busy_s": busy / 1e6, "table": table}}
+    return {"profile": {"wall_s": seconds, "kernels": len(kernels), "busy_s": covered(kernels) / 1e6, "table": table}}
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``intervals`` ((start, end) pairs): time overlapping kernels share counts once."""
+    total, end = 0.0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total, end = total + stop - start, stop
+        elif stop > end:
+            total, end = total + stop - end, stop
+    return total
 
 
 def attention_report(results: list[dict], device: str, size: Size, command: str, path: str) -> None:

@@ -69,6 +69,7 @@ def add_adapter(model: nn.Module, config: LoopConfig, section: str) -> None:
         peft = _peft(model)
         for name, param in peft.named_parameters():
             param.requires_grad_("lora_" in name or ".modules_to_save." in name)
+        _check_mergeable(model, config, section)
         return
     targets = _targets(config)
     head = model.get_output_embeddings()
@@ -87,6 +88,20 @@ def add_adapter(model: nn.Module, config: LoopConfig, section: str) -> None:
                              target_modules=targets, modules_to_save=whole, task_type=task)
     with _quiet_peft():
         _keep(model, get_peft_model(model, lora_config))
+    _check_mergeable(model, config, section)
+
+
+def _check_mergeable(model: nn.Module, config: LoopConfig, section: str) -> None:
+    """With ``lora_merge``, every adapted layer must be a linear one (``merged_state_dict`` folds B A into a
+    weight matrix): said before any training, not when the merged folder is written at its end."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    other = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+             if isinstance(m, LoraLayer) and not isinstance(m, Linear)]
+    if config.lora_merge and other:
+        raise ValueError(f"{section}.lora_merge: merges LoRA on linear layers only; {section}.lora_targets adapts "
+                         f"{', '.join(other)}")
 
 
 @contextlib.contextmanager

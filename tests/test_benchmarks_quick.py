@@ -307,6 +307,13 @@ def test_the_attention_check_runs_on_the_wide_random_model(benchmarks_pkg, tmp_p
         training_step.main()
 
 
+def test_the_profiles_gpu_busy_time_counts_overlapping_kernels_once(benchmarks_pkg):
+    from benchmarks.training_step import covered
+
+    assert covered([]) == 0
+    assert covered([(5, 9), (0, 2), (1, 3), (6, 7), (8, 12), (20, 21)]) == 3 + 7 + 1  # [0,3], [5,12], [20,21]
+
+
 def test_attention_check_fails_on_a_wrong_path(benchmarks_pkg, tmp_path, monkeypatch):
     """The check reads the log-probs: a shared path that attends wrongly (here, every block without its prompt)
     is outside the tolerance."""

@@ -322,6 +322,17 @@ def test_lora_targets_the_model_cannot_take_name_the_key(tiny, targets, message)
         lora.add_adapter(model, dataclasses.replace(LORA, lora_targets=targets), "oracle")
 
 
+def test_a_merge_of_lora_on_a_layer_that_is_not_linear_is_refused_before_training(tiny):
+    """``merged_state_dict`` folds B A into weight matrices: an embedding's LoRA with ``lora_merge`` stops at the
+    adapter's injection, naming the layer, instead of at the merged folder after the training."""
+    config = dataclasses.replace(LORA, lora_targets="embed_tokens,q_proj")
+    model, _ = load_causal_lm(tiny[0])
+    lora.add_adapter(model, config, "train")  # without a merge the adapter trains
+    model, _ = load_causal_lm(tiny[0])
+    with pytest.raises(ValueError, match=r"^train.lora_merge: .*model.embed_tokens \(Embedding\)"):
+        lora.add_adapter(model, dataclasses.replace(config, lora_merge=True), "train")
+
+
 def test_lean_mlp_over_frozen_weights_runs_no_weight_gradient_gemm():
     """An MLP that LoRA leaves unadapted keeps its frozen weights: the lean MLP's backward skips their three GEMMs."""
     generator = torch.Generator().manual_seed(0)
