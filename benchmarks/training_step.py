@@ -769,8 +769,8 @@ def dpo_section(results: list[dict], device: str, size: Size, adapter: bool = Fa
             "bookkeeping); reference log-probs precomputed by both; AdamW as each trainer makes it (TRL: "
             "transformers' default, PyTorch's fused AdamW; selpo: fused AdamW too), each model's body as its trainer "
             "runs it (selpo: `lean_body`, its SwiGLU MLPs and RMSNorms storing only their inputs; under "
-            "checkpointing its RMSNorms only, and the attention kernels' outputs kept from the forward, "
-            "`selpo.recompute`; TRL: transformers' full checkpointing), both in the padded layout. Peak: the "
+            "checkpointing its RMSNorms only, every layer recomputed whole, `selpo.recompute`; TRL: "
+            "transformers' full checkpointing), both in the padded layout. Peak: the "
             f"{memory} during the step, and what the step adds to what it starts with. × trl: against TRL's "
             "DPOTrainer with the same activations setting." + (lora_line() if adapter else ""), ""] + \
         ratio_table(results, "trl", lambda r: DPO_VARIANTS[r["variant"]],

@@ -34,6 +34,7 @@ from .batches import Batch, Example, collate
 from .body import layout_of
 from .data import BatchSchedule
 from .data.packing import PADDED
+from .fsdp1 import ignoring_frozen
 from .lean_body import lean_body
 from .recompute import enable_gradient_checkpointing
 from .segment_attention import segment_attention
@@ -106,7 +107,8 @@ def _prepare_with_optimizer(accelerator: Accelerator, module: torch.nn.Module, c
         return torch.optim.AdamW(param_groups(m, config.weight_decay), lr=config.lr, fused=fused)
 
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        module = accelerator.prepare(module)
+        with ignoring_frozen(accelerator.state.fsdp_plugin, module, accelerator.num_processes):  # selpo.fsdp1
+            module = accelerator.prepare(module)
         return module, accelerator.prepare(adamw(module))
     return accelerator.prepare(module, adamw(module))
 

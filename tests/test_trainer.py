@@ -373,28 +373,40 @@ def test_two_processes_match_one(tiny, accelerator, tmp_path):
 def test_prepare_order_follows_the_sharding(kind, fsdp2, calls):
     """FSDP1 (which cannot run on CPU) gets the module prepared before AdamW is built over it; FSDP2 (which
     refuses two calls) and everything else get both in one call; AdamW holds the prepared module's parameters.
-    A module prepared alone comes back with new parameters, as FSDP1 gives it, so AdamW built before that fails."""
+    A module prepared alone comes back with new parameters, as FSDP1 gives it, so AdamW built before that fails.
+    FSDP1 on one process is given the frozen modules to leave out (selpo.fsdp1), and the plugin is restored."""
     import copy
 
     from accelerate.utils import DistributedType
 
     from selpo.trainer import ObjectiveModule, _prepare_with_optimizer
 
+    import types
+
+    from torch.distributed.fsdp import ShardingStrategy
+
     class Recorder:
-        distributed_type, is_fsdp2, seen = DistributedType[kind], fsdp2, []
+        distributed_type, is_fsdp2, seen, num_processes = DistributedType[kind], fsdp2, [], 1
+        state = types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(
+            ignored_modules=None, sharding_strategy=None, reshard_after_forward=ShardingStrategy.FULL_SHARD))
+        left_out = None
 
         def prepare(self, *objects):
             self.seen.append(tuple(type(o).__name__ for o in objects))
             if len(objects) == 1 and isinstance(objects[0], torch.nn.Module):
+                self.left_out = self.state.fsdp_plugin.ignored_modules
                 return copy.deepcopy(objects[0])
             return objects if len(objects) > 1 else objects[0]
 
     recorder = Recorder()
-    module = ObjectiveModule(torch.nn.Linear(3, 2), objective=None)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    module = ObjectiveModule(torch.nn.Sequential(torch.nn.Linear(3, 2), frozen), objective=None)
     module, optimizer = _prepare_with_optimizer(recorder, module, STEPS)
     assert recorder.seen == calls
+    assert recorder.left_out == ([frozen] if calls == [("ObjectiveModule",), ("AdamW",)] else None)
+    assert recorder.state.fsdp_plugin.ignored_modules is None
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert held == {id(p) for p in module.parameters()}
+    assert held == {id(p) for p in module.parameters() if p.requires_grad}
     assert [g["weight_decay"] for g in optimizer.param_groups] == [STEPS.weight_decay, 0.0]
 
 
