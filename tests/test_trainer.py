@@ -376,14 +376,12 @@ def test_prepare_order_follows_the_sharding(kind, fsdp2, calls):
     A module prepared alone comes back with new parameters, as FSDP1 gives it, so AdamW built before that fails.
     FSDP1 on one process is given the frozen modules to leave out (selpo.fsdp1), and the plugin is restored."""
     import copy
-
-    from accelerate.utils import DistributedType
-
-    from selpo.trainer import ObjectiveModule, _prepare_with_optimizer
-
     import types
 
+    from accelerate.utils import DistributedType
     from torch.distributed.fsdp import ShardingStrategy
+
+    from selpo.trainer import ObjectiveModule, _prepare_with_optimizer
 
     class Recorder:
         distributed_type, is_fsdp2, seen, num_processes = DistributedType[kind], fsdp2, [], 1
