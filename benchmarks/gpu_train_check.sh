@@ -51,13 +51,17 @@
 #      steps, 5 s of checkpoints, 15 s of eval, so about 30 s; ten runs and the shared stages about 6 minutes,
 #      more than one call's remaining time: it runs for what is left and a second call finishes it. Then
 #      COMPARE-cuda.md and compare-frontier-cuda.png (benchmarks/compare_report.py) from the finished runs.
+#   R. (only when SELPO_GPU_PARTS names `recompute`) benchmarks/recompute_check.py with and without --lora:
+#      SmolLM2's body stored, checkpointed, and checkpointed keeping the attention outputs (recompute-cuda.md).
+#      Prediction 30 s each (three random models built, 11 rounds of three steps of 0.1-0.8 s); limit 60 s each.
 #   4. if 150 s are left: the LoRA DPO step (rank 16 on every projection, training_step.LORA) against TRL's
 #      DPOTrainer with the same PEFT adapter, then the full DPO step against it, each with and without
 #      checkpointing and TRL also with Liger's kernels (benchmarks/training_step.py --part lora, then --part dpo,
 #      into one RESULTS-step-cuda.md: a part cut off by the time limit leaves the one before it). Prediction 2
 #      minutes per part (six processes each).
 # Everything the call returns is under OUT_DIR: gpu-train.log (all output), layouts-attention.md,
-# layouts-attention-wide.md, train-check.md, COMPARE-cuda.md, compare-frontier-cuda.png, RESULTS-step-cuda.md.
+# layouts-attention-wide.md, train-check.md, COMPARE-cuda.md, compare-frontier-cuda.png, recompute-cuda.md,
+# RESULTS-step-cuda.md.
 set -uo pipefail
 out=${1:-benchmarks/gpu-train}
 total=${2:-300}
@@ -160,6 +164,19 @@ if has compare && [ "$(left)" -gt 60 ]; then
     echo "selpo compare exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
     python3 -m benchmarks.compare_report "$work/compare" --out "$out/COMPARE-cuda.md" \
         --plot "$out/compare-frontier-cuda.png" --command "${compare[*]}" 2>&1 | tee -a "$log"
+fi
+
+# R. What checkpointing costs on the body, with and without the attention outputs kept, LoRA or not.
+if has recompute && [ "$(left)" -gt 60 ]; then
+    for flag in --lora ""; do
+        part=$SECONDS
+        # shellcheck disable=SC2086  # $flag is empty or one flag
+        timeout "$(within 60)" python3 -m benchmarks.recompute_check --device "$device" $flag \
+            ${SELPO_RECOMPUTE_ARGS:-} >> "$out/recompute-$device.md" 2>> "$log"
+        echo "recompute_check $flag exit code $?, $(( SECONDS - part )) s" | tee -a "$log"
+        echo >> "$out/recompute-$device.md"
+    done
+    cat "$out/recompute-$device.md" >> "$log"
 fi
 
 # 4. The LoRA DPO step, then the full DPO step, against TRL's DPOTrainer, while time is left.
