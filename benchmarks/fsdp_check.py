@@ -3,9 +3,10 @@
 Accelerate runs FSDP only on accelerators. On a CPU (`accelerate launch --use_fsdp` with accelerate 1.15 and torch
 2.13) the processes become Accelerate's MULTI_CPU type and the model is wrapped in DDP without a word (FSDP2), or
 the FSDP1 plugin stops with "There are currently no available devices found, must be one of 'XPU', 'CUDA', ...".
-So the tests run DDP on CPU (tests/test_trainer.py) and this check runs FSDP where a GPU is, as many processes as
+So the tests run DDP on CPU (tests/test_trainer.py), torch's FSDP1 on CPU over gloo without Accelerate's launcher
+(tests/test_fsdp1.py), and this check runs the trainer under Accelerate's FSDP where a GPU is, as many processes as
 GPUs (one on the machine the GPU script runs on: FSDP's wrapping, gathering and sharded checkpoints then run, with
-nothing to shard across):
+nothing to shard across; FSDP1 then does not shard, the case selpo/fsdp1.py is for):
 
     python -m benchmarks.fsdp_check OUT [--fsdp-version 1|2] [--processes N] [--lora]
 

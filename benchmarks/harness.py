@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -180,6 +181,20 @@ def bytes_of(*tensors: torch.Tensor) -> int:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_run(run: Callable[[], object], device: str) -> tuple[float, int]:
+    """(seconds ``run`` takes, the GPU synchronised around it; on CUDA the most it allocates above what was
+    allocated before it, else 0)."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    run()
+    sync(device)
+    return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) if cuda else 0
 
 
 # ---- peak memory ----

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
-import time
 
 import torch
+
+from .harness import timed_run
 
 BODIES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -78,17 +80,9 @@ def main() -> None:
         for round_ in range(args.rounds + 1):  # round 0 warms up
             for way, (model, _) in built.items():
                 model.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    start_memory = torch.cuda.memory_allocated()
-                began = time.perf_counter()
-                step(model, ids, args.device)
-                if cuda:
-                    torch.cuda.synchronize()
-                    peaks[way] = torch.cuda.max_memory_allocated() - start_memory
+                seconds, peaks[way] = timed_run(functools.partial(step, model, ids, args.device), args.device)
                 if round_:
-                    times[way].append(time.perf_counter() - began)
+                    times[way].append(seconds)
     where = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"{args.body} body{' + LoRA' if args.lora else ''}, {args.rows} x {args.length} tokens, {where}, "
           f"torch {torch.__version__}, medians of {args.rounds} rounds in alternation\n")

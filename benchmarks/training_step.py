@@ -87,7 +87,7 @@ from selpo.recompute import enable_gradient_checkpointing
 from selpo.trainer import make_accelerator, train
 
 from .dialogue_data import SHAPES, DialogueShape, describe, dialogues, one_token_words
-from .harness import REPO, Step, _reset_high_water_mark, _status_kib, measure_peak
+from .harness import REPO, Step, _reset_high_water_mark, _status_kib, measure_peak, timed_run
 
 RATIO = 0.3  # share of response tokens the SePO step selects
 SEPO_VARIANTS = ("fused", "full-logits")
@@ -604,15 +604,7 @@ def attention_check(device: str, size: Size) -> list[dict]:
 
     def step(path: str) -> tuple[float, int]:
         model.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        logps(path).sum().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) if cuda else 0
+        return timed_run(lambda: logps(path).sum().backward(), device)
 
     timed = [r["path"] for r in results if "error" not in r]
     for path in timed:

@@ -213,6 +213,9 @@ def test_a_lora_adapter_on_tied_embeddings_trains_and_resumes_under_unsharded_fs
     fsdp_utils.save_fsdp_optimizer(_plugin(), _ACCELERATOR, optimizer, model, str(tmp_path / "ckpt"))
     steps(model, optimizer, range(2, 5))
     whole = adapter(model)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT):  # what Accelerate gathers to save the model
+        gathered = {k.replace("_fsdp_wrapped_module.", "") for k in model.state_dict()}
+    assert gathered == set(_lora_llama(folder).state_dict())  # the modules left out included
     assert whole.keys() == {k.replace("_fsdp_wrapped_module.", "") for k in whole}  # use_orig_params: plain names
     assert whole.keys() == expected.keys() and expected["model.layers.0.self_attn.q_proj.lora_B"
                                                         ".default.weight"].abs().max() > 1e-3
