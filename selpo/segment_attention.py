@@ -221,8 +221,9 @@ def _cannot(kernel: str, query: torch.Tensor, value: torch.Tensor, sink: torch.T
     if kernel == "flash":
         if not _FLASH:
             return "flash-attn is not installed (pip install 'selpo[flash]')"
-        if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn runs on CUDA in half precision, got {query.dtype} on {query.device.type}"
+        if not query.is_cuda or _half(query) is None:
+            return (f"flash-attn runs on CUDA in half precision (or under autocast to it), got {query.dtype} on "
+                    f"{query.device.type}")
         if query.shape[-1] != value.shape[-1] or query.shape[-1] > 256:
             return f"flash-attn takes one head dim of at most 256, got {query.shape[-1]} and {value.shape[-1]}"
     if kernel in ("flash", "flex") and sink is not None:
@@ -235,13 +236,27 @@ def _cannot(kernel: str, query: torch.Tensor, value: torch.Tensor, sink: torch.T
     return None
 
 
+def _half(query: torch.Tensor) -> torch.dtype | None:
+    """The half precision flash-attn runs a call in: the queries' own, or under autocast to a half precision that
+    one (a float32 model under bf16 autocast gives float32 queries from its rotary embedding and bf16 values; SDPA
+    and flex cast them to the autocast's precision, as transformers' flash path does); None if neither."""
+    halves = (torch.float16, torch.bfloat16)
+    if query.dtype in halves:
+        return query.dtype
+    device = query.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return autocast if query.dtype == torch.float32 and autocast in halves else None
+
+
 def _flash(query, key, value, segments: Segments, *, scaling, dropout, window, softcap) -> torch.Tensor:
     """[1, L, H, d] through ``flash_attn_varlen_func`` (flash-attn 2): queries and the gathered keys as varlen
-    sequences, ``causal=True`` aligned bottom-right, ``window_size=(window - 1, 0)``."""
+    sequences, ``causal=True`` aligned bottom-right, ``window_size=(window - 1, 0)``; in ``_half``'s precision."""
     from flash_attn import flash_attn_varlen_func
 
-    def tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x[0].transpose(0, 1).index_select(0, index)  # [1, h, L, d] -> [n, h, d]
+    dtype = _half(query)
+
+    def tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [1, h, L, d] -> [n, h, d]
+        return (x if dtype is None else x.to(dtype))[0].transpose(0, 1).index_select(0, index)
 
     out = flash_attn_varlen_func(
         tokens(query, segments.query_index), tokens(key, segments.key_index), tokens(value, segments.key_index),

@@ -148,6 +148,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     to k[cu_k[b]:cu_k[b+1]]; causal aligned bottom-right; query i sees keys in [i + n_k - n_q - left,
     i + n_k - n_q + right] (-1: unbounded); softcap c: c * tanh(s / c)."""
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and dropout_p == 0.0
+    assert q.dtype == k.dtype == v.dtype, "flash-attn: query, key and value must have the same dtype"
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     assert max_seqlen_q == max(b - a for a, b in zip(cu_q, cu_q[1:]))
     assert max_seqlen_k == max(b - a for a, b in zip(cu_k, cu_k[1:]))
@@ -190,6 +191,30 @@ def test_the_flash_path_builds_the_varlen_arguments_flash_attn_needs(stand_in_fl
     expected = reference(q, k, v, dense, pos, scaling=q.shape[-1] ** -0.5, window=options.get("sliding_window"),
                          softcap=options.get("softcap"))
     assert float((out.detach().double() - expected.detach()).abs().max()) <= TOL
+
+
+def test_the_flash_path_runs_in_the_autocast_precision(stand_in_flash):
+    """A float32 model under bf16 autocast gives float32 queries and keys (its rotary embedding's) and bf16 values:
+    flash-attn takes one half precision, so the path casts to the autocast's, as SDPA does, and returns bf16."""
+    segments, _, _ = layout("shared")
+    q, k, v = inputs(segments.length)
+    mask = SegmentMask(segments, None)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = segment_attention_forward(torch.nn.Module(), q, k, v.bfloat16(), mask)[0]
+        with attention_kernel("sdpa"):
+            sdpa = segment_attention_forward(torch.nn.Module(), q, k, v.bfloat16(), mask)[0]
+    assert out.dtype == sdpa.dtype == torch.bfloat16
+    assert float((out.float() - sdpa.float()).abs().max()) <= 2 ** -6
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_the_half_precision_flash_runs_in():
+    x = torch.zeros(1, 2, 3, 4)
+    assert sa._half(x) is None and sa._half(x.double()) is None
+    assert sa._half(x.half()) == torch.float16 and sa._half(x.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", torch.bfloat16):
+        assert sa._half(x) == torch.bfloat16 and sa._half(x.half()) == torch.float16 and sa._half(x.double()) is None
 
 
 FLEX_CASES = [c for c in CASES if "sinks" not in c]
