@@ -22,21 +22,10 @@ from torch.distributed.fsdp import ShardingStrategy
 def frozen_modules(module: nn.Module) -> list[nn.Module]:
     """The smallest modules of ``module`` holding only frozen parameters (a LoRA layer's base layer, not the LoRA
     layer; a frozen embedding and the head tied to it): the outermost modules with parameters, none trained."""
-    def frozen(sub: nn.Module) -> bool:
-        params = list(sub.parameters())
-        return bool(params) and not any(p.requires_grad for p in params)
-
-    found: list[nn.Module] = []
-
-    def visit(sub: nn.Module) -> None:
-        if frozen(sub) and any(True for _ in sub.parameters(recurse=False)):
-            found.append(sub)
-            return
-        for child in sub.children():
-            visit(child)
-
-    visit(module)
-    return found
+    if next(module.parameters(recurse=False), None) is not None and not any(
+            p.requires_grad for p in module.parameters()):
+        return [module]
+    return [found for child in module.children() for found in frozen_modules(child)]
 
 
 def unsharded(plugin, num_processes: int) -> bool:

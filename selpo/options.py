@@ -52,8 +52,8 @@ class LoopConfig:
                                   "attention kernel (selective activation checkpointing, selpo.recompute). Off "
                                   "by default: its policy runs in Python for every operator of the forward and "
                                   "of its recomputation, which doubled a host-bound checkpointed step (SmolLM2 "
-                                  "LoRA on an H200: 0.78 s against TRL's 0.31 s); worth it only where attention "
-                                  "is a large part of a layer's time (long sequences on a large model).")
+                                  "LoRA on an H200, 2026-12-04: 0.78 s against TRL's 0.31 s); worth it only where "
+                                  "attention is a large part of a layer's time (long sequences on a large model).")
     lean_body: bool = option(True, "Run the model's SwiGLU MLPs and RMSNorms as autograd functions that store "
                              "only their inputs (selpo.lean_body): about 40% less stored activation memory in "
                              "a Llama-style model, the same values and gradients up to rounding. Under "

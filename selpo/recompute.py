@@ -11,8 +11,9 @@ model whose attention runs through none of these kernels (eager attention) is ch
 The policy is a Python function that torch's dispatch asks about every operator of the forward and of its
 recomputation, so it costs host time per operator: where the step waits on the host (a small model, short rows) it
 doubled the checkpointed step (``benchmarks/recompute_check.py``: 143 against 272 ms on a host-bound CPU case; a
-LoRA step of SmolLM2 on an H200, 0.78 s against TRL's 0.31 s), where it saves 2% of a compute-bound one (SmolLM2 on
-2 CPU cores, 12.55 against 12.80 s). Hence off by default (``train.keep_attention``).
+LoRA step of SmolLM2 on an H200, 0.78 s against TRL's 0.31 s; both 2026-12-04), where it saves 2% of a
+compute-bound one (SmolLM2 on 2 CPU cores, 12.55 against 12.80 s, 2026-12-01). Hence off by default
+(``train.keep_attention``).
 """
 
 from __future__ import annotations
