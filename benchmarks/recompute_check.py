@@ -5,11 +5,12 @@
 A random Llama with SmolLM2-135M's body sizes (or a tiny one, to check the code), its layers as selpo's trainer runs
 them (``selpo.lean_body``; ``selpo.recompute``), forward and backward of a batch of 16 rows of 256 tokens (the LoRA
 step's 8 pairs of benchmarks/training_step.py), bf16 autocast on CUDA; the loss reads the last hidden states, not
-the head. Three ways, timed in alternation after a warm-up, medians: activations stored; checkpointed; checkpointed
+the head. Four ways, timed in alternation after a warm-up, medians: activations stored; checkpointed; checkpointed
 keeping the attention kernels' outputs (``train.keep_attention``: torch's selective activation checkpointing, whose
-policy is asked about every operator of the forward and of its recomputation). With ``--lora`` a LoRA adapter
-(rank 16 on the attention and MLP projections, ``selpo.lora``) is trained, as in the LoRA step. Prints a Markdown
-table: the time per step and against the stored step, and on CUDA the peak memory the step adds.
+policy is asked about every operator of the forward and of its recomputation); checkpointed with the modules' own
+forwards (no ``lean_body``: the body as transformers and PEFT run it, e.g. under TRL). With ``--lora`` a LoRA
+adapter (rank 16 on the attention and MLP projections, ``selpo.lora``) is trained, as in the LoRA step. Prints a
+Markdown table: the time per step and against the stored step, and on CUDA the peak memory the step adds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ BODIES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
                  num_key_value_heads=2),
 }
-WAYS = ("stored", "checkpointed", "checkpointed, attention kept")
+WAYS = ("stored", "checkpointed", "checkpointed, attention kept", "checkpointed, own forwards")
 
 
 def build(way: str, body: str, lora_rank: int, device: str):
@@ -50,7 +51,7 @@ def build(way: str, body: str, lora_rank: int, device: str):
     checkpointed = way != "stored"
     if checkpointed:
         enable_gradient_checkpointing(model, keep_attention=way.endswith("kept"))
-    return model, lean_body(model, mlp=not checkpointed)
+    return model, lean_body(model, mlp=not checkpointed) if way != WAYS[3] else contextlib.nullcontext()
 
 
 def step(model, ids: torch.Tensor, device: str) -> None:

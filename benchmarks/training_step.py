@@ -773,7 +773,8 @@ def lora_line() -> str:
     return (f" Both train the same LoRA adapter, through PEFT (rank {LORA['rank']}, alpha {LORA['alpha']:g}, dropout "
             f"{LORA['dropout']:g}, on {LORA['targets'].replace(',', ', ')}; the output head frozen) and compute the "
             "reference log-probs with the adapter disabled (the same base weights, no second model); selpo's "
-            "adapted MLPs store their input, gate and up outputs and the rank-r products (`selpo.lean_lora`). "
+            "adapted MLPs store their input, gate and up outputs and the rank-r products, and each adapted projection "
+            "adds the adapter's part inside its base GEMM (`selpo.lean_lora`). "
             f"Target: selpo at most {LORA_TARGET}× TRL's time and peak.")
 
 

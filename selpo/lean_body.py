@@ -18,8 +18,9 @@ the lean one on a random input (a few rows, once per module: milliseconds); one 
 Under LoRA (``selpo.lora``) a plain MLP or RMSNorm over frozen weights is swapped, and its backward skips the frozen
 weights' gradients (for the MLP, their three GEMMs); an MLP whose projections carry an adapter (PEFT's layers, one
 active adapter without dropout) runs ``selpo.lean_lora``'s MLP, which keeps x, gate(x), up(x) and the rank-r
-products and computes the adapters' gradients only, and the base MLP while the adapter is disabled. With dropout
-(or another LoRA variant) it keeps PEFT's forward.
+products and computes the adapters' gradients only, and the base MLP while the adapter is disabled; any other
+adapted projection (the attention's; the MLP's under ``mlp=False``) runs ``selpo.lean_lora.lora_linear``, which adds
+the adapter's part inside the base GEMM. With dropout (or another LoRA variant) they keep PEFT's forward.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lean_lora import PROJECTIONS, lora_mlp_forward
+from .lean_lora import PROJECTIONS, is_lora_linear, lora_linear_forward, lora_mlp_forward
 
 VERIFY_ROWS = 5  # rows of the random input each module is checked on
 VERIFY_RTOL = 1e-4  # float32 reassociation
@@ -124,6 +125,9 @@ def _lean_forward(module: nn.Module, mlp: bool):
         adapted = lora_mlp_forward(module)  # LoRA-adapted projections (PEFT's layers)
         if adapted is not None:
             return adapted, module.gate_proj.in_features
+    if is_lora_linear(module):  # one adapted projection (an attention's, or an MLP's left to its own forward)
+        adapted = lora_linear_forward(module)
+        return None if adapted is None else (adapted, module.in_features)
     weight, eps = getattr(module, "weight", None), _norm_eps(module)
     if type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1 \
             and eps is not None and not list(module.children()):
@@ -145,24 +149,30 @@ def _same_forward(module: nn.Module, lean, width: int) -> bool:
 
 @contextlib.contextmanager
 def lean_body(model: nn.Module, *, mlp: bool = True):
-    """Within the block, every SwiGLU MLP (unless ``mlp`` is False) and RMSNorm of ``model`` that computes what
-    ``swiglu_mlp`` or ``rms_norm`` compute runs them instead; yields the qualified names of the swapped modules.
-    The modules' own forwards are back when the block ends, however it ends.
+    """Within the block, every SwiGLU MLP (unless ``mlp`` is False), RMSNorm and other LoRA-adapted projection of
+    ``model`` that computes what ``swiglu_mlp``, ``rms_norm`` or ``selpo.lean_lora`` compute runs them instead;
+    yields the qualified names of the swapped modules (not those inside a swapped one). The modules' own forwards
+    are back when the block ends, however it ends.
 
     Under gradient checkpointing pass ``mlp=False``: a layer's activations then live one layer at a time, so the
     MLP's saving is small, and it would cost time. Checkpointing stops a layer's recomputation once the last
-    tensor its backward needs is saved; an eager MLP's last one is the down projection's input, saved before
-    that GEMM runs, while an autograd function's are saved when its forward returns, after it.
+    tensor its backward needs is saved; an eager MLP's last one is the down projection's input (LoRA-adapted,
+    ``lora_linear``: its base weight), saved before that GEMM runs, while an autograd function's are saved when
+    its forward returns, after it.
     """
     swapped: list[tuple[str, nn.Module]] = []
+    inside = None  # the prefix of the last swapped module's submodules, which its lean forward does not call
     try:
-        for name, module in model.named_modules():
+        for name, module in model.named_modules():  # a module, then its submodules
+            if inside is not None and name.startswith(inside):
+                continue
             found = _lean_forward(module, mlp)
             if found is None or "forward" in module.__dict__:  # an instance's own forward is someone's patch
                 continue
             if _same_forward(module, *found):
                 module.forward = found[0]
                 swapped.append((name, module))
+                inside = f"{name}." if name else ""
         yield [name for name, _ in swapped]
     finally:
         for _, module in swapped:

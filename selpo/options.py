@@ -72,7 +72,7 @@ class LoopConfig:
                                "Comma-separated names of the modules that get a LoRA adapter (PEFT's "
                                "target_modules: a module whose name ends with one). The default: a Llama-style "
                                "model's attention and MLP projections. The output head may not be named: it stays "
-                               "frozen. Under lean_body an adapted MLP runs selpo.lean_lora's MLP (not with "
+                               "frozen. Under lean_body adapted MLPs and projections run selpo.lean_lora (not with "
                                "lora_dropout > 0).")
     lora_merge: bool = option(False, "Also save the trained model merged (base + adapter) as a full transformers "
                               "folder, <stage>/merged, beside the adapter folder <stage>/model; needs lora_rank > 0.")

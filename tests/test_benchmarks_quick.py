@@ -518,14 +518,15 @@ def test_trl_fused_head_is_selectable_and_paired(benchmarks_pkg):
         assert paired == {("linear_logprobs", "fwd"), ("linear_logprobs", "fwd+bwd"), ("selective_loss", "fwd+bwd")}
 
 
-def test_the_recompute_check_times_the_three_ways(tmp_path):
-    """``benchmarks/recompute_check.py`` on the tiny body with LoRA: a table of the stored, checkpointed and
-    attention-keeping steps, each timed, the stored one the baseline."""
+def test_the_recompute_check_times_the_four_ways(tmp_path):
+    """``benchmarks/recompute_check.py`` on the tiny body with LoRA: a table of the stored, checkpointed,
+    attention-keeping and own-forward checkpointed steps, each timed, the stored one the baseline."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.recompute_check", "--body", "tiny", "--lora", "--rows",
                            "2", "--length", "8", "--rounds", "1"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith(("| stored", "| checkpointed"))]
-    assert [r[0] for r in rows] == ["| stored", "| checkpointed", "| checkpointed, attention kept"]
+    assert [r[0] for r in rows] == ["| stored", "| checkpointed", "| checkpointed, attention kept",
+                                    "| checkpointed, own forwards"]
     assert rows[0][2].startswith("1.00×") and all(float(r[1].removesuffix(" ms")) > 0 for r in rows)
     assert proc.stdout.startswith("tiny body + LoRA, 2 x 8 tokens, CPU")

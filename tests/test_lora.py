@@ -333,6 +333,44 @@ def test_a_merge_of_lora_on_a_layer_that_is_not_linear_is_refused_before_trainin
         lora.add_adapter(model, dataclasses.replace(config, lora_merge=True), "train")
 
 
+class _GEMMsOn(OpCounter):
+    """Counts the forward GEMMs of the given weights (x @ weight.T: the weight read transposed, where a backward
+    GEMM reads it as it is), by the weight's name."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = {w.data_ptr(): name for name, w in weights.items()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().split(".")[0] in GEMMS:
+            for t in args:
+                if isinstance(t, torch.Tensor) and t.data_ptr() in self.names and t.dim() == 2 and t.stride(0) == 1:
+                    self.counts[self.names[t.data_ptr()]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "peft"])
+def test_checkpointed_recomputation_skips_the_last_projections_base_gemm(tiny, lean):
+    """Checkpointed layers with lean LoRA projections (selpo.lean_lora.lora_linear): the recomputation in the
+    backward stops before the down projection's base GEMM (the last tensor the layer saves is that GEMM's weight),
+    while it reruns the others; with PEFT's forward it runs that GEMM too."""
+    model, _ = _adapted(tiny[0])
+    model.train()
+    enable_gradient_checkpointing(model)
+    layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    weights = {f"{part}.{i}": getattr(layer.mlp, part).base_layer.weight
+               for i, layer in enumerate(layers) for part in ("gate_proj", "down_proj")}
+    ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with lean_body(model, mlp=False) if lean else contextlib.nullcontext():
+        with _GEMMsOn(weights) as forward:
+            logits = model(input_ids=ids).logits
+        with _GEMMsOn(weights) as backward:
+            logits.float().square().mean().backward()
+    assert forward.counts == {name: 1 for name in weights}, forward.counts
+    assert backward.counts == {name: 1 for name in weights if lean is False or name.startswith("gate")}, \
+        backward.counts
+
+
 def test_lean_mlp_over_frozen_weights_runs_no_weight_gradient_gemm():
     """An MLP that LoRA leaves unadapted keeps its frozen weights: the lean MLP's backward skips their three GEMMs."""
     generator = torch.Generator().manual_seed(0)
