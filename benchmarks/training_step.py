@@ -761,7 +761,7 @@ def dpo_section(results: list[dict], device: str, size: Size, adapter: bool = Fa
             "bookkeeping); reference log-probs precomputed by both; AdamW as each trainer makes it (TRL: "
             "transformers' default, PyTorch's fused AdamW; selpo: fused AdamW too), each model's body as its trainer "
             "runs it (selpo: `lean_body`, its SwiGLU MLPs and RMSNorms storing only their inputs; under "
-            "checkpointing its RMSNorms only, every layer recomputed whole, `selpo.recompute`; TRL: "
+            "checkpointing its RMSNorms only, every layer recomputed up to its last GEMM, `selpo.recompute`; TRL: "
             "transformers' full checkpointing), both in the padded layout. Peak: the "
             f"{memory} during the step, and what the step adds to what it starts with. × trl: against TRL's "
             "DPOTrainer with the same activations setting." + (lora_line() if adapter else ""), ""] + \
@@ -773,8 +773,8 @@ def lora_line() -> str:
     return (f" Both train the same LoRA adapter, through PEFT (rank {LORA['rank']}, alpha {LORA['alpha']:g}, dropout "
             f"{LORA['dropout']:g}, on {LORA['targets'].replace(',', ', ')}; the output head frozen) and compute the "
             "reference log-probs with the adapter disabled (the same base weights, no second model); selpo's "
-            "adapted MLPs store their input, gate and up outputs and the rank-r products, and each adapted projection "
-            "adds the adapter's part inside its base GEMM (`selpo.lean_lora`). "
+            "adapted MLPs store their input, gate and up outputs and the rank-r products, and each adapted "
+            "projection's base GEMM accumulates onto the adapter's part (`selpo.lean_lora`). "
             f"Target: selpo at most {LORA_TARGET}× TRL's time and peak.")
 
 

@@ -5,7 +5,7 @@ adapted projection (``lora_linear``, e.g. the attention's) whose adapter's part 
 Each projection is ``proj(x) = x W^T + s (x A^T) B^T`` (W frozen, A [r, in], B [out, r], s = alpha / r), the MLP
 ``down(silu(gate(x)) * up(x))``. PEFT's forward runs each projection as three modules and the MLP as eager ops,
 so autograd keeps x, gate(x), silu(gate(x)), up(x) and their product (four [tokens, intermediate] tensors) besides
-the rank-r products. ``lora_swiglu_mlp`` keeps x, gate(x), up(x) and the three [tokens, r] products x A^T, and
+the rank-r products. ``lora_swiglu_mlp`` keeps x, gate(x), up(x) and the three [tokens, r] products s x A^T, and
 recomputes silu(gate(x)) and the product in the backward (elementwise). Its backward computes the gradients of x
 and of each A and B, and a base weight's only when it requires one (under LoRA it is frozen: no GEMM for it).
 
@@ -18,12 +18,12 @@ Recomputing costs more time than PEFT's forward takes (those two GEMMs are a thi
 step's backward runs no frozen weight's GEMM to hide them behind), while storing is no slower than PEFT and halves
 what the MLP stores; a step that needs less memory than that runs gradient checkpointing.
 
-Each adapted projection, in the MLP and alone, adds the adapter's part inside the base GEMM (``_project``): two
+Each adapted projection, in the MLP and alone, has its base GEMM accumulate onto the adapter's part (``_project``): two
 elementwise passes over its output fewer than PEFT's forward, in the forward and in checkpointing's recomputation,
 and the recomputation of a layer skips the base GEMM of its last projection. SmolLM2-135M's body with LoRA on every
-projection, 16 rows of 256 tokens, checkpointed, forward and backward on 2 CPU threads in float32: 19.17 s, against
-21.80 s with the modules' own forwards (``python -m benchmarks.recompute_check --lora --rounds 3``, medians,
-2026-12-04 21:12 UTC; stored: 15.11 s).
+projection, 16 rows of 256 tokens, checkpointed, forward and backward on 2 CPU threads in float32: 18.17 s, against
+20.46 s with the modules' own forwards (``python -m benchmarks.recompute_check --lora --rounds 3``, medians,
+2026-12-04 21:55 UTC; stored: 13.28 s).
 
 Values and gradients are PEFT's up to rounding: ``x w^T + (s x a^T) b^T`` where PEFT computes
 ``x w^T + s ((x a^T) b^T)``; under autocast the same GEMMs in bf16, with one rounding of the sum fewer. The
@@ -58,16 +58,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _project(x, w, a, b, s):
     """``x w^T + s (x a^T) b^T`` and the scaled rank-r product ``s x a^T`` (None without an adapter). The adapter's
-    part comes first and the base GEMM adds it as it writes its output (one ``addmm``): no elementwise pass over
-    the [tokens, out] output, where PEFT's forward runs two (the scale and the sum). Under autograd
-    (``lora_linear``) the last tensor a projection saves is then its base weight, saved before that GEMM runs, so
-    gradient checkpointing's recomputation of a layer stops before the base GEMM of the layer's last projection
-    (the MLP's down projection), whose output no backward reads."""
+    part comes first and the base GEMM accumulates onto it in place (``addmm_``, the dtypes autocast would give):
+    no elementwise pass over the [tokens, out] output, where PEFT's forward runs two (the scale and the sum), and
+    one launch fewer. Under autograd (``lora_linear``) the last tensor a projection saves is then its base weight,
+    saved before that GEMM runs, so gradient checkpointing's recomputation of a layer stops before the base GEMM of
+    the layer's last projection (the MLP's down projection), whose output no backward reads."""
     if a is None:
         return F.linear(x, w), None
     rows = _rows(x)
     low = F.linear(rows, a) * s
-    return torch.addmm(F.linear(low, b), rows, w.t()).view(*x.shape[:-1], w.shape[0]), low
+    out = F.linear(low, b)
+    out.addmm_(rows.to(out.dtype), w.t().to(out.dtype))
+    return out.view(*x.shape[:-1], w.shape[0]), low
 
 
 def lora_linear(x: torch.Tensor, p: Projection) -> torch.Tensor:

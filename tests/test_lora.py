@@ -342,7 +342,7 @@ class _GEMMsOn(OpCounter):
         self.names = {w.data_ptr(): name for name, w in weights.items()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.name().split(".")[0] in GEMMS:
+        if func.name().split(".")[0].rstrip("_") in GEMMS:  # addmm_ too
             for t in args:
                 if isinstance(t, torch.Tensor) and t.data_ptr() in self.names and t.dim() == 2 and t.stride(0) == 1:
                     self.counts[self.names[t.data_ptr()]] += 1
