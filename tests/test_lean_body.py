@@ -150,9 +150,11 @@ class ScaledMLP(nn.Module):
         return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_modules_that_compute_something_else_keep_their_forward():
-    model = nn.Sequential(GemmaStyleRMSNorm(6), ScaledMLP(6))
-    x = torch.randn(2, 6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_modules_that_compute_something_else_keep_their_forward(dtype):
+    """Also in a half dtype, where lean_body's check allows a few roundings."""
+    model = nn.Sequential(GemmaStyleRMSNorm(6), ScaledMLP(6)).to(dtype)
+    x = torch.randn(2, 6).to(dtype)
     want = model(x)
     with lean_body(model) as swapped:
         assert swapped == []
@@ -449,6 +451,23 @@ def test_lean_lora_projection_with_the_adapter_disabled_or_per_row_adapters():
     torch.testing.assert_close(per_row[0::2], adapted[0::2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(per_row[1::2], base[1::2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(merged, adapted, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_modules_are_swapped(dtype):
+    """A model in bf16 or fp16 weights: the plain MLP, the LoRA MLP and the lone LoRA projection pass lean_body's
+    check (the LoRA ones round in another order than PEFT's), and give PEFT's output within a few roundings."""
+    plain = SwiGLU(64, 96).to(dtype)
+    mlp, _ = _lora_mlp(dtype=dtype, seed=3, width=64, inner=96, rank=8)
+    projection, _ = _lora_projection(dtype=dtype, seed=3, width=64, out=48, rank=8)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        want = [module(x) for module in (plain, mlp, projection)]
+        with lean_body(plain) as a, lean_body(mlp) as b, lean_body(projection) as c:
+            assert (a, b, c) == ([""], [""], ["q_proj"])
+            got = [module(x) for module in (plain, mlp, projection)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=4 * torch.finfo(dtype).eps * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
