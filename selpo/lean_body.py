@@ -20,8 +20,8 @@ Under LoRA (``selpo.lora``) a plain MLP or RMSNorm over frozen weights is swappe
 weights' gradients (for the MLP, their three GEMMs); an MLP whose projections carry an adapter (PEFT's layers, one
 active adapter without dropout) runs ``selpo.lean_lora``'s MLP, which keeps x, gate(x), up(x) and the rank-r
 products and computes the adapters' gradients only, and the base MLP while the adapter is disabled; any other
-adapted projection (the attention's; the MLP's under ``mlp=False``) runs ``selpo.lean_lora.lora_linear``, which adds
-the adapter's part inside the base GEMM. With dropout (or another LoRA variant) they keep PEFT's forward.
+adapted projection (the attention's; the MLP's under ``mlp=False``) runs ``selpo.lean_lora.lora_linear``, whose base
+GEMM accumulates onto the adapter's part. With dropout (or another LoRA variant) they keep PEFT's forward.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lean_lora import PROJECTIONS, is_lora_linear, lora_linear_forward, lora_mlp_forward
+from .lean_lora import PROJECTIONS, lora_linear_forward, lora_mlp_forward
 
 VERIFY_ROWS = 5  # rows of the random input each module is checked on
 VERIFY_RTOL = 1e-4  # float32 reassociation
@@ -129,9 +129,9 @@ def _lean_forward(module: nn.Module, mlp: bool):
         adapted = lora_mlp_forward(module)  # LoRA-adapted projections (PEFT's layers)
         if adapted is not None:
             return adapted, module.gate_proj.in_features
-    if is_lora_linear(module):  # one adapted projection (an attention's, or an MLP's left to its own forward)
-        adapted = lora_linear_forward(module)
-        return None if adapted is None else (adapted, module.in_features)
+    adapted = lora_linear_forward(module)  # one adapted projection (an attention's, or an MLP's left to its own)
+    if adapted is not None:
+        return adapted, module.in_features
     weight, eps = getattr(module, "weight", None), _norm_eps(module)
     if type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1 \
             and eps is not None and not list(module.children()):

@@ -18,8 +18,8 @@ Recomputing costs more time than PEFT's forward takes (those two GEMMs are a thi
 step's backward runs no frozen weight's GEMM to hide them behind), while storing is no slower than PEFT and halves
 what the MLP stores; a step that needs less memory than that runs gradient checkpointing.
 
-Each adapted projection, in the MLP and alone, has its base GEMM accumulate onto the adapter's part (``_project``): two
-elementwise passes over its output fewer than PEFT's forward, in the forward and in checkpointing's recomputation,
+Each adapted projection, in the MLP and alone, has its base GEMM accumulate onto the adapter's part (``_project``):
+two elementwise passes over its output fewer than PEFT's forward, in the forward and in checkpointing's recomputation,
 and the recomputation of a layer skips the base GEMM of its last projection. SmolLM2-135M's body with LoRA on every
 projection, 16 rows of 256 tokens, checkpointed, forward and backward on 2 CPU threads in float32: 18.17 s, against
 20.46 s with the modules' own forwards (``python -m benchmarks.recompute_check --lora --rounds 3``, medians,
@@ -60,9 +60,9 @@ def _project(x, w, a, b, s):
     """``x w^T + s (x a^T) b^T`` and the scaled rank-r product ``s x a^T`` (None without an adapter). The adapter's
     part comes first and the base GEMM accumulates onto it in place (``addmm_``, the dtypes autocast would give):
     no elementwise pass over the [tokens, out] output, where PEFT's forward runs two (the scale and the sum), and
-    one launch fewer. Under autograd (``lora_linear``) the last tensor a projection saves is then its base weight,
-    saved before that GEMM runs, so gradient checkpointing's recomputation of a layer stops before the base GEMM of
-    the layer's last projection (the MLP's down projection), whose output no backward reads."""
+    one launch fewer in the forward. Under autograd (``lora_linear``) the last tensor a projection saves is then its
+    base weight, saved before that GEMM runs, so gradient checkpointing's recomputation of a layer stops before the
+    base GEMM of the layer's last projection (the MLP's down projection), whose output no backward reads."""
     if a is None:
         return F.linear(x, w), None
     rows = _rows(x)
